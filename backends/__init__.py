@@ -1,0 +1,1 @@
+"""Model backends: each kind talks to one sort of model and knows nothing of routing."""

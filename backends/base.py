@@ -1,0 +1,76 @@
+"""The small async interface every backend implements; routing lives elsewhere."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from backends.protocol import ChatRequest, CompletionRequest
+
+# An OpenAI-shaped response or stream chunk (chat.completion, text_completion, ...).
+Payload = dict[str, Any]
+GenerationRequest = ChatRequest | CompletionRequest
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    streaming: bool = True
+    json_schema: bool = False
+    logprobs: bool = False
+    tools: bool = False
+    max_context: int = 2048
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens; local backends are free unless the policy says otherwise."""
+
+    input_per_million: float = 0.0
+    output_per_million: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / 1e6
+
+
+class Backend(Protocol):
+    name: str
+    capabilities: Capabilities
+    price: Price
+
+    async def start(self) -> None:
+        """Load weights / open connection pools. Called once before serving."""
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise `Unsupported` naming the first parameter this backend cannot honour."""
+
+    async def generate(self, request: GenerationRequest) -> Payload:
+        """One whole OpenAI-shaped answer (chat.completion or text_completion)."""
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Payload]:
+        """OpenAI-shaped chunks; the last one carries `usage` when the request asks for it."""
+
+    def ready(self) -> bool:
+        """True once `start` finished and the backend can take requests."""
+
+    def status(self) -> dict[str, Any]:
+        """Live figures for /readyz (queue length, busy, counters)."""
+
+    async def aclose(self) -> None:
+        """Free weights, threads and connections."""
+
+
+class Embedder(Protocol):
+    name: str
+    dimensions: int
+
+    async def start(self) -> None: ...
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Vectors for `texts` and the number of tokens read."""
+
+    def ready(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def aclose(self) -> None: ...

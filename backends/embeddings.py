@@ -1,0 +1,72 @@
+"""sentence-transformers embedder, loaded from a package folder, encoding off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from pydantic import Field
+
+from backends.errors import BackendUnavailable
+from backends.model_files import ModelFileError, resolve
+from backends.settings import ModelSourceSettings, StrictSettings
+
+
+class SentenceTransformerSettings(StrictSettings):
+    type: Literal["sentence_transformers"] = Field(description="A sentence-transformers model folder.")
+    model: ModelSourceSettings = Field(description="Where the model folder is (path, or package + file).")
+    max_batch: int = Field(64, ge=1, description="Texts encoded per forward pass.")
+    max_inputs: int = Field(2048, ge=1, description="Most texts accepted in one request.")
+
+    def create(self, name: str) -> SentenceTransformerEmbedder:
+        return SentenceTransformerEmbedder(name, self)
+
+
+class SentenceTransformerEmbedder:
+    def __init__(self, name: str, settings: SentenceTransformerSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.dimensions = 0
+        self._model: Any = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{name}")
+
+    def ready(self) -> bool:
+        return self._model is not None
+
+    def status(self) -> dict[str, Any]:
+        return {"dimensions": self.dimensions}
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+
+    def _load(self) -> None:
+        # Everything this model needs ships in a package: never reach for a hub.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        folder = resolve(self.settings.model.source())
+        if not (folder / "config.json").exists() and not (folder / "modules.json").exists():
+            raise ModelFileError(f"{folder} is not a sentence-transformers model folder (no modules.json)")
+        self._model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+        self.dimensions = int(self._model.get_embedding_dimension() or 0)
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        if self._model is None:
+            raise BackendUnavailable(f"embedder '{self.name}' is not loaded yet", retry_after=5)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._encode, texts)
+
+    def _encode(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        tokenizer = self._model.tokenizer
+        limit = self._model.max_seq_length
+        tokens = sum(min(len(ids), limit) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
+        vectors = self._model.encode(
+            texts, batch_size=self.settings.max_batch, convert_to_numpy=True, normalize_embeddings=True
+        )
+        return vectors.tolist(), tokens
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._model = None

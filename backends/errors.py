@@ -1,0 +1,130 @@
+"""One error hierarchy for the whole gateway, rendered to OpenAI's error shape at the edge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TiergateError(Exception):
+    """Base class. Subclasses fix the HTTP status, OpenAI error type and whether a retry may help."""
+
+    status: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"retry-after": str(max(1, round(self.retry_after)))}
+
+
+# --- the client's fault (never retried, never counted against a backend) ---
+
+
+class BadRequest(TiergateError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class Unsupported(BadRequest):
+    """A parameter is well-formed but the chosen backend cannot honour it."""
+
+    code = "unsupported_parameter"
+
+
+class ContextLengthExceeded(BadRequest):
+    code = "context_length_exceeded"
+
+
+class AuthenticationFailed(TiergateError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(TiergateError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class BodyTooLarge(TiergateError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(TiergateError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+# --- the gateway's own load shedding: retry later, but the backend is healthy ---
+
+
+class Overloaded(TiergateError):
+    status = 503
+    error_type = "server_error"
+    code = "overloaded"
+
+
+class BackendUnavailable(TiergateError):
+    """No backend can serve the request (disabled, missing key, not loaded)."""
+
+    status = 503
+    error_type = "server_error"
+    code = "backend_unavailable"
+
+
+# --- the backend's fault ---
+
+
+class UpstreamError(TiergateError):
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_error"
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class DeadlineExceeded(TiergateError):
+    status = 504
+    error_type = "timeout_error"
+    code = "deadline_exceeded"
+
+
+class InternalError(TiergateError):
+    status = 500
+    error_type = "server_error"
+    code = "internal_error"

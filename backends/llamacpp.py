@@ -1,0 +1,349 @@
+"""In-process llama.cpp backend: one model instance, one sequence at a time, decoded off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from pydantic import Field
+
+from backends import llamacpp_translate as translate
+from backends.base import Capabilities, GenerationRequest, Payload
+from backends.errors import BackendUnavailable, BadRequest, ContextLengthExceeded, InternalError, TiergateError
+from backends.gate import FifoGate
+from backends.llamacpp_decode import Finish, Piece, decode
+from backends.model_files import check_gguf, resolve
+from backends.protocol import ChatRequest, CompletionRequest
+from backends.settings import ModelSourceSettings, PriceSettings, StrictSettings
+
+
+class SamplingDefaults(StrictSettings):
+    """Used when a request leaves a knob out. OpenAI's own defaults unless the policy says otherwise."""
+
+    temperature: float = Field(1.0, ge=0, le=2, description="Default temperature (0: greedy).")
+    top_p: float = Field(1.0, ge=0, le=1, description="Default nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Keep only the k likeliest tokens (0: off).")
+    min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens below this share of the top token (0: off).")
+    repeat_penalty: float = Field(1.0, gt=0, description="llama.cpp repetition penalty (1: off).")
+
+
+class LlamaCppSettings(StrictSettings):
+    type: Literal["llamacpp"] = Field(description="In-process llama.cpp model (GGUF weights).")
+    model: ModelSourceSettings = Field(description="Where the GGUF weights are.")
+    prompt_format: Literal["chat", "completion"] = Field(
+        "chat", description="chat: the GGUF's chat template; completion: plain text for base models."
+    )
+    n_ctx: int = Field(2048, ge=64, description="Context window in tokens (prompt + answer).")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads for decoding (default: all cores).")
+    n_batch: int = Field(512, ge=1, description="Prompt tokens evaluated per batch.")
+    n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU (-1: all; needs a GPU build).")
+    logprobs: bool = Field(
+        False, description="Keep logits of every position so requests may ask for logprobs (n_ctx x vocab x 4 bytes)."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Largest answer in tokens a request may get (default: the rest of the context)."
+    )
+    max_queue: int = Field(32, ge=0, description="Requests that may wait for the model; beyond: 503 + Retry-After.")
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults, description="Defaults for sampling knobs.")
+    price: PriceSettings = Field(default_factory=PriceSettings, description="What a token costs here.")
+
+    def create(self, name: str) -> LlamaCppBackend:
+        return LlamaCppBackend(name, self)
+
+
+_DONE = object()
+
+
+class LlamaCppBackend:
+    def __init__(self, name: str, settings: LlamaCppSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.capabilities = Capabilities(
+            streaming=True, json_schema=True, logprobs=settings.logprobs, tools=False, max_context=settings.n_ctx
+        )
+        self.price = settings.price.price()
+        self.fingerprint = ""
+        self._llama: Any = None
+        self._chat_formatter: Any = None
+        self._gate = FifoGate(name, settings.max_queue)
+        self._sampled_tokens = 0  # lifetime count, shown by /readyz; proves a cancelled decode stopped
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
+
+    @property
+    def gate(self) -> FifoGate:
+        return self._gate
+
+    def ready(self) -> bool:
+        return self._llama is not None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "busy": self._gate.busy,
+            "waiting": self._gate.waiting,
+            "sampled_tokens": self._sampled_tokens,
+        }
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load)
+
+    def _load(self) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        path = resolve(self.settings.model.source())
+        check_gguf(path)
+        self._llama = Llama(
+            model_path=str(path),
+            n_ctx=self.settings.n_ctx,
+            n_threads=self.settings.n_threads or os.cpu_count(),
+            n_batch=self.settings.n_batch,
+            n_gpu_layers=self.settings.n_gpu_layers,
+            logits_all=self.settings.logprobs,
+            verbose=False,
+        )
+        stat = path.stat()
+        digest = hashlib.sha256(f"{path.name}:{stat.st_size}:{self.settings.model_dump_json()}".encode()).hexdigest()
+        self.fingerprint = f"fp_{digest[:10]}"
+        template = self._llama.metadata.get("tokenizer.chat_template")
+        if self.settings.prompt_format == "chat":
+            if not template:
+                raise BackendUnavailable(
+                    f"backend '{self.name}': {path.name} has no chat template; use prompt_format: completion"
+                )
+            model = self._llama._model
+            eos, bos = self._llama.token_eos(), self._llama.token_bos()
+            self._chat_formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=model.token_get_text(eos) if eos != -1 else "",
+                bos_token=model.token_get_text(bos) if bos != -1 else "",
+            )
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=True)
+        if self._llama is not None:
+            self._llama.close()
+            self._llama = None
+
+    def check(self, request: GenerationRequest) -> None:
+        if isinstance(request, ChatRequest):
+            translate.check_chat(request, self.name, logprobs=self.settings.logprobs)
+        else:
+            translate.check_completion(request, self.name, logprobs=self.settings.logprobs)
+
+    # --- running the token loop in the worker thread ---
+
+    def _max_tokens(self, requested: int | None) -> int | None:
+        cap = self.settings.max_tokens
+        if requested is None:
+            return cap
+        return requested if cap is None else min(requested, cap)
+
+    def _tokens_for(self, request: GenerationRequest, prompt: str | list[int] | None) -> list[int]:
+        llama = self._llama
+        if isinstance(request, ChatRequest):
+            if self._chat_formatter is not None:
+                rendered = self._chat_formatter(messages=translate.template_messages(request.messages)).prompt
+                tokens: list[int] = llama.tokenize(rendered.encode("utf-8"), add_bos=False, special=True)
+            else:
+                text = translate.completion_prompt(request.messages)
+                tokens = llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        elif isinstance(prompt, list):
+            tokens = list(prompt)
+        else:
+            tokens = llama.tokenize((prompt or "").encode("utf-8"), add_bos=True, special=False)
+        if len(tokens) >= self.settings.n_ctx:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.settings.n_ctx} tokens. "
+                f"However, your prompt is {len(tokens)} tokens long.",
+                param="messages" if isinstance(request, ChatRequest) else "prompt",
+            )
+        return tokens
+
+    def _grammar(self, request: GenerationRequest) -> Any:
+        if not isinstance(request, ChatRequest) or request.response_format is None:
+            return None
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        response_format = request.response_format
+        try:
+            if response_format.type == "json_object":
+                return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+            if response_format.type == "json_schema" and response_format.json_schema is not None:
+                schema = json.dumps(response_format.json_schema.schema_)
+                return LlamaGrammar.from_json_schema(schema, verbose=False)
+        except (ValueError, RuntimeError, KeyError, TypeError) as error:
+            raise BadRequest(f"cannot enforce this JSON schema: {error}", param="response_format") from error
+        return None
+
+    async def _pieces(
+        self, request: GenerationRequest, prompt: str | list[int] | None
+    ) -> AsyncIterator[Piece | Finish]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def stop_requested() -> bool:
+            # called by the token loop once per sampled token
+            self._sampled_tokens += 1
+            return cancel.is_set()
+
+        def work() -> None:
+            try:
+                tokens = self._tokens_for(request, prompt)
+                params = translate.decode_params(
+                    request,
+                    self.settings.sampling.model_dump(),
+                    max_tokens=self._max_tokens(_requested_tokens(request)),
+                    grammar=self._grammar(request),
+                )
+                for item in decode(self._llama, tokens, params, stop_requested):
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+            except BaseException as error:
+                loop.call_soon_threadsafe(queue.put_nowait, error)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        if self._llama is None:
+            raise BackendUnavailable(f"backend '{self.name}' is not loaded yet", retry_after=5)
+        async with self._gate.hold():
+            job = loop.run_in_executor(self._executor, work)
+            try:
+                while (item := await queue.get()) is not _DONE:
+                    if isinstance(item, TiergateError):
+                        raise item
+                    if isinstance(item, BaseException):
+                        raise InternalError(f"backend '{self.name}' failed: {type(item).__name__}") from item
+                    yield item
+            finally:
+                # Tell the loop to stop (it checks between tokens) and keep the gate until it has.
+                cancel.set()
+                await asyncio.shield(job)
+
+    # --- the Backend interface ---
+
+    async def generate(self, request: GenerationRequest) -> Payload:
+        if isinstance(request, ChatRequest):
+            text, entries, finish = await self._collect(request, None)
+            return self._chat_answer(request, text, entries, finish)
+        choices: list[dict[str, Any]] = []
+        prompt_total = completion_total = 0
+        for index, prompt in enumerate(translate.prompts_of(request)):
+            text, entries, finish = await self._collect(request, prompt)
+            prefix = prompt if request.echo and isinstance(prompt, str) else ""
+            choices.append(
+                {
+                    "index": index,
+                    "text": prefix + text,
+                    "logprobs": translate.text_logprobs(entries, len(prefix)) if request.logprobs is not None else None,
+                    "finish_reason": finish.reason,
+                }
+            )
+            prompt_total += finish.prompt_tokens
+            completion_total += finish.completion_tokens
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": request.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+            "usage": translate.usage(prompt_total, completion_total),
+        }
+
+    async def _collect(
+        self, request: GenerationRequest, prompt: str | list[int] | None
+    ) -> tuple[str, list[Any], Finish]:
+        parts: list[str] = []
+        entries: list[Any] = []
+        finish = Finish("stop", 0, 0)
+        async for item in self._pieces(request, prompt):
+            if isinstance(item, Finish):
+                finish = item
+            else:
+                parts.append(item.text)
+                entries.extend(item.logprobs)
+        return "".join(parts), entries, finish
+
+    def _chat_answer(self, request: ChatRequest, text: str, entries: list[Any], finish: Finish) -> Payload:
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": translate.chat_logprobs(entries) if request.logprobs else None,
+                    "finish_reason": finish.reason,
+                }
+            ],
+            "usage": translate.usage(finish.prompt_tokens, finish.completion_tokens),
+        }
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Payload]:
+        chat = isinstance(request, ChatRequest)
+        prompt = None if chat else translate.prompts_of(request)[0]  # type: ignore[arg-type]
+        frame = _StreamFrame(request, self.fingerprint, chat)
+        opened = False
+        async for item in self._pieces(request, prompt):
+            if not opened:
+                # Only now: queueing and prompt errors must reach the client as an HTTP status.
+                opened = True
+                if chat:
+                    yield frame.chunk({"role": "assistant", "content": "", "refusal": None}, None, None)
+                elif isinstance(request, CompletionRequest) and request.echo and isinstance(prompt, str):
+                    yield frame.chunk(prompt, None, None)
+            if isinstance(item, Finish):
+                yield frame.chunk({} if chat else "", item.reason, None)
+                if request.include_usage():
+                    yield frame.usage_chunk(translate.usage(item.prompt_tokens, item.completion_tokens))
+            elif item.text or item.logprobs:
+                logprobs = None
+                if item.logprobs:
+                    logprobs = (
+                        translate.chat_logprobs(item.logprobs) if chat else translate.text_logprobs(item.logprobs, 0)
+                    )
+                yield frame.chunk({"content": item.text} if chat else item.text, None, logprobs)
+
+
+class _StreamFrame:
+    """The fields every chunk of one stream shares."""
+
+    def __init__(self, request: GenerationRequest, fingerprint: str, chat: bool) -> None:
+        self.chat = chat
+        self.with_usage = request.include_usage()
+        self.base = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": request.model,
+            "system_fingerprint": fingerprint,
+        }
+
+    def chunk(self, delta: Any, finish_reason: str | None, logprobs: Any) -> Payload:
+        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice["delta" if self.chat else "text"] = delta
+        payload: Payload = {**self.base, "choices": [choice]}
+        if self.with_usage:
+            payload["usage"] = None
+        return payload
+
+    def usage_chunk(self, usage: dict[str, int]) -> Payload:
+        return {**self.base, "choices": [], "usage": usage}
+
+
+def _requested_tokens(request: GenerationRequest) -> int | None:
+    if isinstance(request, ChatRequest):
+        return request.token_limit()
+    return request.max_tokens

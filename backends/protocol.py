@@ -1,0 +1,178 @@
+"""The OpenAI request schema, typed and range-checked, shared by every layer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+StopSequences = StrictStr | Annotated[list[StrictStr], Field(min_length=0, max_length=4)] | None
+
+
+class Strict(BaseModel):
+    """Unknown keys are refused, as OpenAI refuses them; types are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Lenient(BaseModel):
+    """Nested objects whose extra keys a backend may need (tool schemas, vendor options)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: StrictStr | list[dict[str, Any]] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: StrictStr | None = None
+    function_call: dict[str, Any] | None = None
+    refusal: StrictStr | None = None
+    audio: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _content_parts_typed(self) -> Message:
+        if isinstance(self.content, list):
+            for index, part in enumerate(self.content):
+                kind = part.get("type")
+                if not isinstance(kind, str):
+                    raise ValueError(f"content[{index}] needs a string 'type'")
+                if kind == "text" and not isinstance(part.get("text"), str):
+                    raise ValueError(f"content[{index}] of type 'text' needs a string 'text'")
+        if self.role in ("user", "system", "developer", "tool") and self.content is None:
+            raise ValueError(f"a '{self.role}' message needs 'content'")
+        return self
+
+    def text(self) -> str:
+        """The message's text; non-text parts are refused earlier by backends that can't read them."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+
+
+class JsonSchemaFormat(Strict):
+    name: StrictStr = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+    description: StrictStr | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
+
+
+class StreamOptions(Strict):
+    include_usage: StrictBool = False
+    include_obfuscation: StrictBool | None = None
+
+
+class SamplingParams(Strict):
+    """What both chat and legacy completions share."""
+
+    model: Annotated[StrictStr, Field(min_length=1)]
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=128)] = 1
+    stop: StopSequences = None
+    seed: StrictInt | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: StrictStr | None = None
+    # tiergate's own options (extra_body={"tiergate": {...}}); later issues give it keys.
+    tiergate: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingParams:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("'stream_options' is only allowed when 'stream' is true")
+        return self
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_are_token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return bias
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(SamplingParams):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Lenient] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    functions: list[Lenient] | None = None
+    function_call: StrictStr | dict[str, Any] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    web_search_options: dict[str, Any] | None = None
+    metadata: dict[str, StrictStr] | None = None
+    store: StrictBool | None = None
+    service_tier: StrictStr | None = None
+    prompt_cache_key: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _token_limits_agree(self) -> ChatRequest:
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if both and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("give 'max_tokens' or 'max_completion_tokens', not two different values")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs' set to true")
+        return self
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+TokenIds = list[StrictInt]
+
+
+class CompletionRequest(SamplingParams):
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
+    echo: StrictBool = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    suffix: StrictStr | None = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=20)] | None = None
+
+
+class EmbeddingRequest(Strict):
+    model: Annotated[StrictStr, Field(min_length=1)]
+    input: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=2048)] | TokenIds | list[TokenIds]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: PositiveInt | None = None
+    user: StrictStr | None = None

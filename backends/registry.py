@@ -1,0 +1,13 @@
+"""Backend and embedder kinds by their policy `type`; adding a kind means adding it here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from backends.embeddings import SentenceTransformerSettings
+from backends.llamacpp import LlamaCppSettings
+
+BackendSettings = Annotated[LlamaCppSettings, Field(discriminator="type")]
+EmbedderSettings = Annotated[SentenceTransformerSettings, Field(discriminator="type")]

@@ -1,0 +1,1 @@
+"""The HTTP face of tiergate: OpenAI-compatible routes, errors, streaming, the CLI."""

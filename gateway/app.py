@@ -1,0 +1,108 @@
+"""The application factory: routes, health, lifespan (model loading) — all state on app.state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from backends.base import Backend, Embedder
+from backends.errors import BadRequest, NotFound, TiergateError
+from gateway.http import error_response, json_response
+from gateway.openai_routes import Gateway, gateway_of, routes
+from router.engine import Router
+from router.table import RoutingTable
+
+log = logging.getLogger("tiergate")
+
+
+def build_backends(table: RoutingTable) -> dict[str, Backend]:
+    return {name: settings.create(name) for name, settings in table.backends.items() if name not in table.disabled}
+
+
+def build_embedders(table: RoutingTable) -> dict[str, Embedder]:
+    return {name: settings.create(name) for name, settings in table.embedders.items()}
+
+
+async def _start_all(parts: Mapping[str, Backend | Embedder], failures: dict[str, str]) -> None:
+    async def start(name: str, part: Backend | Embedder) -> None:
+        began = time.perf_counter()
+        try:
+            await part.start()
+        except Exception as error:
+            failures[name] = f"{type(error).__name__}: {error}"
+            log.error("could not load %s: %s", name, failures[name])
+        else:
+            log.info("loaded %s in %.1f s", name, time.perf_counter() - began)
+
+    # One at a time: loading competes for the same cores.
+    for name, part in parts.items():
+        await start(name, part)
+
+
+def create_app(
+    table: RoutingTable,
+    *,
+    backends: Mapping[str, Backend] | None = None,
+    embedders: Mapping[str, Embedder] | None = None,
+) -> FastAPI:
+    generation = dict(backends) if backends is not None else build_backends(table)
+    embedding = dict(embedders) if embedders is not None else build_embedders(table)
+    every: dict[str, Backend | Embedder] = {**generation, **embedding}
+    failures: dict[str, str] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_start_all(every, failures))
+        app.state.loading = loading
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            for part in every.values():
+                await part.aclose()
+
+    app = FastAPI(title="tiergate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = Gateway(table, Router(table, generation, embedding), time.time())
+    app.state.load_failures = failures
+
+    async def healthz(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        status: dict[str, Any] = {}
+        for name, part in every.items():
+            state = "ready" if part.ready() else failures.get(name, "loading")
+            status[name] = {"state": state, **part.status()}
+        for name, reason in gateway_of(request).table.disabled.items():
+            status[name] = {"state": f"disabled: {reason}"}
+        ready = all(part.ready() for part in every.values())
+        return json_response({"status": "ready" if ready else "loading", "backends": status}, 200 if ready else 503)
+
+    app.router.routes.extend(
+        [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *routes()]
+    )
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        error: TiergateError
+        if exc.status_code == 404:
+            error = NotFound(f"no such endpoint: {request.method} {request.url.path}", code="not_found")
+        else:
+            error = BadRequest(str(exc.detail))
+            error.status = exc.status_code
+        return error_response(error)
+
+    app.add_exception_handler(HTTPException, http_error)
+    return app

@@ -1,0 +1,135 @@
+"""`tiergate serve | check | doctor`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import os
+import sys
+from pathlib import Path
+
+from router.loader import PolicyError, load_policy
+from router.table import RoutingTable, compile_policy
+
+DEFAULT_POLICY = "policies/default.yaml"
+
+
+def load_table(path: str) -> RoutingTable:
+    return compile_policy(load_policy(path))
+
+
+def banner(table: RoutingTable, host: str, port: int) -> str:
+    url = f"http://{host}:{port}"
+    chat = next(iter(table.generation_models()), "smol")
+    key = "$TIERGATE_API_KEY" if table.server.api_keys else "none"
+    auth = ' -H "Authorization: Bearer $TIERGATE_API_KEY"' if table.server.api_keys else ""
+    return f"""tiergate listening on {url}  (policy: {table.source})
+models: {", ".join(table.routes)}
+
+  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\
+    -d '{{"model": "{chat}", "messages": [{{"role": "user", "content": "Say hello"}}]}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="{key}")
+  print(client.chat.completions.create(model="{chat}",
+        messages=[{{"role": "user", "content": "Say hello"}}]).choices[0].message.content)
+"""
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    table = load_table(args.policy)
+    host = args.host or table.server.host
+    port = args.port if args.port is not None else table.server.port
+    logging.basicConfig(level=os.environ.get("TIERGATE_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    print(banner(table, host, port), flush=True)
+    uvicorn.run(
+        create_app(table),
+        host=host,
+        port=port,
+        access_log=False,
+        log_level="warning",
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    table = load_table(args.policy)
+    print(f"{table.source}: OK\n")
+    print(table.render())
+    return 0
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """Say what works here: packages, llama.cpp build (GPU offload?), model files of the policy."""
+    from backends.model_files import ModelFileError, check_gguf, resolve
+    from backends.registry import BackendSettings, EmbedderSettings
+    from backends.settings import ModelSourceSettings
+
+    rows: list[tuple[str, str]] = [("python", sys.version.split()[0])]
+    for package in ("llama-cpp-python", "sentence-transformers", "torch", "fastapi", "uvicorn", "openai"):
+        try:
+            rows.append((package, importlib.metadata.version(package)))
+        except importlib.metadata.PackageNotFoundError:
+            rows.append((package, "not installed"))
+    try:
+        import llama_cpp
+
+        rows.append(("llama.cpp GPU offload", "yes" if llama_cpp.llama_supports_gpu_offload() else "no (CPU build)"))
+    except ImportError as error:
+        rows.append(("llama.cpp", f"cannot import: {error}"))
+    healthy = True
+    table = load_table(args.policy)
+    every: dict[str, BackendSettings | EmbedderSettings] = {**table.backends, **table.embedders}
+    for name, settings in every.items():
+        if not isinstance(settings.model, ModelSourceSettings):
+            continue  # a remote model: nothing on disk to check
+        source = settings.model.source()
+        try:
+            path = resolve(source)
+            if settings.type == "llamacpp":
+                check_gguf(path)
+            size = sum(file.stat().st_size for file in Path(path).rglob("*")) if path.is_dir() else path.stat().st_size
+            rows.append((f"model {name}", f"{path} ({size / 1e6:.0f} MB)"))
+        except ModelFileError as error:
+            healthy = False
+            rows.append((f"model {name}", f"MISSING: {error}"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0 if healthy else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tiergate", description="OpenAI-compatible gateway, cheapest model first.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="start the gateway")
+    serve_cmd.add_argument("--policy", default=os.environ.get("TIERGATE_POLICY", DEFAULT_POLICY))
+    serve_cmd.add_argument("--host", default=os.environ.get("TIERGATE_HOST"))
+    port = os.environ.get("TIERGATE_PORT")
+    serve_cmd.add_argument("--port", type=int, default=int(port) if port else None)
+    serve_cmd.set_defaults(run=serve)
+    check_cmd = commands.add_parser("check", help="validate a policy and print its routing table")
+    check_cmd.add_argument("policy")
+    check_cmd.set_defaults(run=check)
+    doctor_cmd = commands.add_parser("doctor", help="check packages, llama.cpp build and model files")
+    doctor_cmd.add_argument("--policy", default=os.environ.get("TIERGATE_POLICY", DEFAULT_POLICY))
+    doctor_cmd.set_defaults(run=doctor)
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except PolicyError as error:
+        print("policy error:\n  " + "\n  ".join(error.problems), file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

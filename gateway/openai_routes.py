@@ -1,0 +1,145 @@
+"""The OpenAI-compatible endpoints: chat, legacy completions, embeddings, models."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from backends.errors import AuthenticationFailed, DeadlineExceeded, InternalError, NotFound, TiergateError
+from backends.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
+from gateway.http import ClientGone, error_response, json_response, parse, read_json, unless_disconnected
+from gateway.sse import EventStream
+from router.engine import Router
+from router.table import RoutingTable
+
+log = logging.getLogger("tiergate.access")
+Endpoint = Callable[[Request], Awaitable[Response]]
+CLIENT_CLOSED = 499  # nginx's convention; nobody reads it, the access log does
+
+
+@dataclass
+class Gateway:
+    """What the endpoints share, kept on app.state (no module globals)."""
+
+    table: RoutingTable
+    router: Router
+    started: float
+
+
+def gateway_of(request: Request) -> Gateway:
+    state: Gateway = request.app.state.gateway
+    return state
+
+
+def authorize(request: Request, keys: list[str]) -> None:
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'")
+    if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
+        raise AuthenticationFailed("Incorrect API key provided")
+
+
+def openai_endpoint(handler: Endpoint) -> Endpoint:
+    """Authentication, error translation and one access-log line (never the prompt or the key)."""
+
+    async def endpoint(request: Request) -> Response:
+        began = time.perf_counter()
+        gateway = gateway_of(request)
+        try:
+            authorize(request, gateway.table.server.api_keys)
+            response = await handler(request)
+        except TiergateError as error:
+            response = error_response(error)
+        except ClientGone:
+            response = Response(status_code=CLIENT_CLOSED)
+        except Exception:
+            log.exception("unhandled error on %s", request.url.path)
+            response = error_response(InternalError("internal error; see the gateway log"))
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                orjson.dumps(
+                    {
+                        "path": request.url.path,
+                        "status": response.status_code,
+                        "backend": response.headers.get("x-tiergate-backend"),
+                        "ms": round((time.perf_counter() - began) * 1000, 2),
+                    }
+                ).decode()
+            )
+        return response
+
+    return endpoint
+
+
+async def _generation(request: Request, schema: type[ChatRequest] | type[CompletionRequest]) -> Response:
+    gateway = gateway_of(request)
+    server = gateway.table.server
+    parsed = parse(schema, await read_json(request, server.max_body_bytes))
+    deadline = asyncio.get_running_loop().time() + server.request_timeout_s
+    try:
+        async with asyncio.timeout_at(deadline):
+            if parsed.stream:
+                stream = gateway.router.stream(parsed)
+                first = await unless_disconnected(request.receive, anext(stream.chunks))
+                headers = {"x-tiergate-backend": stream.backend}
+                return EventStream(first, stream.chunks, deadline, headers)
+            answer = await unless_disconnected(request.receive, gateway.router.generate(parsed))
+    except TimeoutError as timeout:
+        raise DeadlineExceeded(f"no answer within the deadline of {server.request_timeout_s:g} s") from timeout
+    return json_response(answer.payload, headers={"x-tiergate-backend": answer.backend})
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _generation(request, ChatRequest)
+
+
+async def completions(request: Request) -> Response:
+    return await _generation(request, CompletionRequest)
+
+
+async def embeddings(request: Request) -> Response:
+    gateway = gateway_of(request)
+    parsed = parse(EmbeddingRequest, await read_json(request, gateway.table.server.max_body_bytes))
+    payload = await unless_disconnected(request.receive, gateway.router.embed(parsed))
+    return json_response(payload)
+
+
+def _model_entry(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "tiergate"}
+
+
+async def list_models(request: Request) -> Response:
+    gateway = gateway_of(request)
+    created = int(gateway.started)
+    return json_response({"object": "list", "data": [_model_entry(name, created) for name in gateway.table.routes]})
+
+
+async def get_model(request: Request) -> Response:
+    gateway = gateway_of(request)
+    name = request.path_params["model"]
+    if name not in gateway.table.routes:
+        raise NotFound(f"The model '{name}' does not exist", param="model")
+    return json_response(_model_entry(name, int(gateway.started)))
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/v1/chat/completions", openai_endpoint(chat_completions), methods=["POST"]),
+        Route("/v1/completions", openai_endpoint(completions), methods=["POST"]),
+        Route("/v1/embeddings", openai_endpoint(embeddings), methods=["POST"]),
+        Route("/v1/models", openai_endpoint(list_models), methods=["GET"]),
+        Route("/v1/models/{model:path}", openai_endpoint(get_model), methods=["GET"]),
+    ]

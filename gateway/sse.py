@@ -1,0 +1,71 @@
+"""Server-sent events for streamed answers, stopped as soon as the client hangs up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from backends.base import Payload
+from backends.errors import DeadlineExceeded, InternalError, TiergateError
+from gateway.http import wait_for_disconnect
+
+DONE = b"data: [DONE]\n\n"
+
+
+def event(payload: Payload) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class EventStream(Response):
+    """Sends `first` (already produced, so errors before it got a proper status) and the rest."""
+
+    def __init__(self, first: Payload, rest: AsyncIterator[Payload], deadline: float, headers: dict[str, str]) -> None:
+        # Not Response.__init__: it would announce Content-Length: 0.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+            *((name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()),
+        ]
+        self.first = first
+        self.rest = rest
+        self.deadline = deadline
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        pump = asyncio.ensure_future(self._pump(send))
+        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not pump.done():
+                pump.cancel()  # the client left: stop generating, free the model
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await pump
+
+    async def _pump(self, send: Send) -> None:
+        try:
+            await send({"type": "http.response.body", "body": event(self.first), "more_body": True})
+            async with asyncio.timeout_at(self.deadline):
+                async for chunk in self.rest:
+                    await send({"type": "http.response.body", "body": event(chunk), "more_body": True})
+            closing = DONE
+        except TimeoutError:
+            closing = event(DeadlineExceeded("the request deadline passed mid-stream").to_body())
+        except TiergateError as error:
+            closing = event(error.to_body())
+        except Exception as error:
+            closing = event(InternalError(f"stream failed: {type(error).__name__}").to_body())
+        finally:
+            aclose = getattr(self.rest, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        await send({"type": "http.response.body", "body": closing, "more_body": False})

@@ -1,0 +1,113 @@
+"""Compile a validated policy into one frozen routing table, checking every cross-reference."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
+
+from backends.errors import NotFound
+from backends.registry import BackendSettings, EmbedderSettings
+from router.loader import LoadedPolicy, Location, PolicyError
+from router.policy import ServerSettings
+
+RouteKind = Literal["backend", "cascade", "embedding"]
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    kind: RouteKind
+    targets: tuple[str, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    source: str
+    server: ServerSettings
+    routes: Mapping[str, Route]
+    backends: Mapping[str, BackendSettings]
+    embedders: Mapping[str, EmbedderSettings]
+    disabled: Mapping[str, str]  # backend name -> why it cannot serve
+
+    def route(self, model: str) -> Route:
+        found = self.routes.get(model)
+        if found is None:
+            raise NotFound(
+                f"The model '{model}' does not exist (known: {', '.join(sorted(self.routes))})", param="model"
+            )
+        return found
+
+    def generation_models(self) -> list[str]:
+        return [name for name, route in self.routes.items() if route.kind != "embedding"]
+
+    def render(self) -> str:
+        """The table `tiergate check` prints."""
+        rows = [("model", "route", "targets")]
+        for route in self.routes.values():
+            targets = []
+            for target in route.targets:
+                settings = self.backends.get(target) or self.embedders.get(target)
+                kind = settings.type if settings is not None else "?"
+                note = f" [disabled: {self.disabled[target]}]" if target in self.disabled else ""
+                targets.append(f"{target} ({kind}){note}")
+            joiner = " -> " if route.kind == "cascade" else ", "
+            rows.append((route.name, route.kind, joiner.join(targets)))
+        widths = [max(len(row[column]) for row in rows) for column in range(2)]
+        return "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}".rstrip() for row in rows)
+
+
+def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
+    policy = loaded.policy
+    problems: list[str] = []
+    disabled: dict[str, str] = {}
+    for location, variable in loaded.missing_env.items():
+        if len(location) >= 2 and location[0] == "backends":
+            disabled[str(location[1])] = f"environment variable {variable} is not set"
+        else:
+            problems.append(f"{loaded.where(location)}: environment variable {variable} is not set")
+    for name in sorted(set(policy.backends) & set(policy.embeddings)):
+        problems.append(f"{loaded.where(('embeddings', name))}: '{name}' is also the name of a backend")
+
+    routes: dict[str, Route] = {}
+    for name, model in policy.models.items():
+        if model.embedding is not None:
+            where = loaded.where(("models", name, "embedding"))
+            if model.embedding not in policy.embeddings:
+                problems.append(f"{where}: unknown embedder '{model.embedding}' ({_known(policy.embeddings)})")
+            routes[name] = Route(name, "embedding", (model.embedding,), model.description)
+            continue
+        if model.cascade is not None:
+            locations: list[Location] = [("models", name, "cascade", index) for index in range(len(model.cascade))]
+            kind: RouteKind = "cascade"
+        else:
+            locations = [("models", name, "backend")]
+            kind = "backend"
+        targets = model.targets()
+        for target, location in zip(targets, locations, strict=True):
+            where = loaded.where(location)
+            if target in policy.embeddings:
+                problems.append(f"{where}: '{target}' is an embedder; use 'embedding: {target}'")
+            elif target not in policy.backends:
+                problems.append(f"{where}: unknown backend '{target}' ({_known(policy.backends)})")
+        for index, target in enumerate(targets):
+            if target in targets[:index]:
+                problems.append(f"{loaded.where(locations[index])}: '{target}' appears twice in the cascade")
+        routes[name] = Route(name, kind, tuple(targets), model.description)
+
+    if problems:
+        raise PolicyError(problems)
+    return RoutingTable(
+        source=loaded.source,
+        server=policy.server,
+        routes=MappingProxyType(routes),
+        backends=MappingProxyType(dict(policy.backends)),
+        embedders=MappingProxyType(dict(policy.embeddings)),
+        disabled=MappingProxyType(disabled),
+    )
+
+
+def _known(names: Mapping[str, object]) -> str:
+    return f"known: {', '.join(sorted(names))}" if names else "none are defined"

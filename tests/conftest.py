@@ -1,0 +1,90 @@
+"""Shared fixtures: real tiergate servers on loopback, driven with the official openai SDK."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def client(self, api_key: str = "none", **options: object) -> OpenAI:
+        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, **options)  # type: ignore[arg-type]
+
+    def status(self, backend: str) -> dict[str, object]:
+        body = httpx.get(f"{self.url}/readyz", timeout=5).json()
+        found: dict[str, object] = body["backends"][backend]
+        return found
+
+
+def start_server(policy: Path, log: Path, env: dict[str, str] | None = None, ready_within: float = 120) -> Server:
+    port = free_port()
+    with log.open("wb") as handle:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--policy", str(policy), "--port", str(port)],
+            cwd=ROOT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + ready_within
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"tiergate exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"tiergate not ready within {ready_within} s:\n{log.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The default policy (SmolLM2, Gemma 270M, MiniLM) served for real, as `make serve` does."""
+    server = start_server(ROOT / "policies" / "default.yaml", tmp_path_factory.mktemp("logs") / "default.log")
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def client(gateway: Server) -> OpenAI:
+    return gateway.client()
