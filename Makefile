@@ -10,6 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 export CMAKE_ARGS
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+CODE := $(wildcard gateway router backends tests bench)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha1sum | cut -c1-12)
 
 .PHONY: install serve test check lint typecheck node-deps clean
@@ -34,11 +35,11 @@ tests/node/node_modules/.package-lock.json: tests/node/package.json tests/node/p
 node-deps: tests/node/node_modules/.package-lock.json
 
 lint: install
-	$(VENV)/bin/ruff check gateway router backends tests bench
+	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/mypy
 
 test: install node-deps
-	$(VENV)/bin/ruff check gateway router backends tests bench
+	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
