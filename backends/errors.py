@@ -12,6 +12,8 @@ class TiergateError(Exception):
     error_type: str = "server_error"
     code: str | None = None
     retryable: bool = False
+    # Does this error say the backend is unhealthy? Only such errors move its circuit breaker.
+    backend_fault: bool = False
 
     def __init__(
         self,
@@ -111,6 +113,7 @@ class UpstreamError(TiergateError):
     error_type = "upstream_error"
     code = "upstream_error"
     retryable = True
+    backend_fault = True
 
 
 class UpstreamTimeout(UpstreamError):

@@ -7,7 +7,9 @@ from typing import Annotated
 from pydantic import Field
 
 from backends.embeddings import SentenceTransformerSettings
+from backends.litellm_backend import LitellmSettings
 from backends.llamacpp import LlamaCppSettings
+from backends.openai_compat import OpenAICompatSettings
 
-BackendSettings = Annotated[LlamaCppSettings, Field(discriminator="type")]
+BackendSettings = Annotated[LlamaCppSettings | OpenAICompatSettings | LitellmSettings, Field(discriminator="type")]
 EmbedderSettings = Annotated[SentenceTransformerSettings, Field(discriminator="type")]

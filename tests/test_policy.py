@@ -76,7 +76,7 @@ def test_unknown_backend_type() -> None:
           chat: {backend: big}
         """
     )
-    assert found == ["p.yaml:3: backends.big: unknown type 'vllm9' (known: 'llamacpp')"]
+    assert found == ["p.yaml:3: backends.big: unknown type 'vllm9' (known: 'llamacpp', 'openai', 'litellm')"]
 
 
 def test_wrong_value_type_and_range() -> None:
@@ -109,7 +109,7 @@ def test_empty_cascade_and_duplicate_tier() -> None:
         models:
           a: {{cascade: [smol, smol]}}
         """
-    ) == ["p.yaml:5: models.a.cascade[1]: 'smol' appears twice in the cascade"]
+    ) == ["p.yaml:5: models.a.cascade[1]: 'smol' appears twice in this model's backends"]
 
 
 def test_model_needs_exactly_one_target() -> None:
