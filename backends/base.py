@@ -28,9 +28,11 @@ class Price:
 
     input_per_million: float = 0.0
     output_per_million: float = 0.0
+    per_hour: float = 0.0
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / 1e6
+    def cost(self, prompt_tokens: int, completion_tokens: int, busy_seconds: float = 0.0) -> float:
+        tokens = prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million
+        return tokens / 1e6 + busy_seconds * self.per_hour / 3600
 
 
 class Backend(Protocol):

@@ -37,6 +37,9 @@ class ModelSourceSettings(StrictSettings):
 class PriceSettings(StrictSettings):
     input_per_million: float = Field(0.0, ge=0, description="USD per 1M prompt tokens.")
     output_per_million: float = Field(0.0, ge=0, description="USD per 1M completion tokens.")
+    per_hour: float = Field(
+        0.0, ge=0, description="USD per hour the backend is busy (self-hosted hardware), charged by busy time."
+    )
 
     def price(self) -> Price:
-        return Price(self.input_per_million, self.output_per_million)
+        return Price(self.input_per_million, self.output_per_million, self.per_hour)

@@ -88,7 +88,12 @@ def create_app(
         for name, reason in gateway_of(request).table.disabled.items():
             status[name] = {"state": f"disabled: {reason}"}
         ready = all(part.ready() for part in every.values())
-        return json_response({"status": "ready" if ready else "loading", "backends": status}, 200 if ready else 503)
+        body = {
+            "status": "ready" if ready else "loading",
+            "backends": status,
+            "circuits": gateway_of(request).router.breaker_states(),
+        }
+        return json_response(body, 200 if ready else 503)
 
     app.router.routes.extend(
         [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *routes()]

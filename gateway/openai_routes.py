@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -15,12 +14,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from backends.errors import AuthenticationFailed, DeadlineExceeded, InternalError, NotFound, TiergateError
+from backends.errors import AuthenticationFailed, InternalError, NotFound, TiergateError
 from backends.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
 from gateway.http import ClientGone, error_response, json_response, parse, read_json, unless_disconnected
 from gateway.sse import EventStream
-from router.engine import Router
+from router.engine import Answer, Router, Stream
 from router.table import RoutingTable
+from router.validators import prompt_text
 
 log = logging.getLogger("tiergate.access")
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -74,8 +74,9 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
                     {
                         "path": request.url.path,
                         "status": response.status_code,
-                        "backend": response.headers.get("x-tiergate-backend"),
                         "ms": round((time.perf_counter() - began) * 1000, 2),
+                        **{key[11:]: value for key, value in response.headers.items() if key.startswith("x-tiergate-")},
+                        **({"prompt": request.state.prompt} if hasattr(request.state, "prompt") else {}),
                     }
                 ).decode()
             )
@@ -84,22 +85,34 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
     return endpoint
 
 
+def transparency(answer: Answer | Stream, began: float) -> dict[str, str]:
+    """The x-tiergate-* headers: who answered, after which attempts, at what cost, with what overhead."""
+    gateway_s = time.perf_counter() - began
+    headers = {
+        "x-tiergate-backend": answer.backend,
+        "x-tiergate-attempts": answer.attempts,
+        "x-tiergate-overhead-ms": f"{max(0.0, gateway_s - answer.waited_s) * 1000:.2f}",
+    }
+    if answer.costs is not None:
+        headers["x-tiergate-cost-usd"] = f"{answer.costs.total_usd:.8f}"
+        headers["x-tiergate-saved-usd"] = f"{answer.costs.saved_usd:.8f}"
+    if not answer.validation.ok:
+        headers["x-tiergate-validation"] = f"failed; {answer.validation.reason}"[:500]
+    return headers
+
+
 async def _generation(request: Request, schema: type[ChatRequest] | type[CompletionRequest]) -> Response:
+    began = time.perf_counter()
     gateway = gateway_of(request)
-    server = gateway.table.server
-    parsed = parse(schema, await read_json(request, server.max_body_bytes))
-    deadline = asyncio.get_running_loop().time() + server.request_timeout_s
-    try:
-        async with asyncio.timeout_at(deadline):
-            if parsed.stream:
-                stream = gateway.router.stream(parsed)
-                first = await unless_disconnected(request.receive, anext(stream.chunks))
-                headers = {"x-tiergate-backend": stream.backend}
-                return EventStream(first, stream.chunks, deadline, headers)
-            answer = await unless_disconnected(request.receive, gateway.router.generate(parsed))
-    except TimeoutError as timeout:
-        raise DeadlineExceeded(f"no answer within the deadline of {server.request_timeout_s:g} s") from timeout
-    return json_response(answer.payload, headers={"x-tiergate-backend": answer.backend})
+    parsed = parse(schema, await read_json(request, gateway.table.server.max_body_bytes))
+    if gateway.table.server.log_prompts:
+        request.state.prompt = prompt_text(parsed)
+    # The router enforces the model's deadline on every attempt (queueing included).
+    if parsed.stream:
+        stream = await unless_disconnected(request.receive, gateway.router.stream(parsed))
+        return EventStream(stream.first, stream.chunks, stream.deadline, transparency(stream, began))
+    answer = await unless_disconnected(request.receive, gateway.router.generate(parsed))
+    return json_response(answer.payload, headers=transparency(answer, began))
 
 
 async def chat_completions(request: Request) -> Response:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from backends.registry import BackendSettings, EmbedderSettings
+from router.reliability import BreakerSettings, RetrySettings
+from router.validators import ValidatorSettings
 
 
 class Section(BaseModel):
@@ -29,6 +31,42 @@ class ServerSettings(Section):
     log_prompts: bool = Field(False, description="Include prompt text in request logs (off: never logged).")
 
 
+class ReliabilitySettings(Section):
+    """Defaults for every model; a model may override `retries` and the timeouts."""
+
+    retries: RetrySettings = Field(default_factory=RetrySettings, description="Retries of retryable errors.")
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings, description="Circuit breaker per backend.")
+    attempt_timeout_s: float | None = Field(
+        None, gt=0, description="Longest wait for one attempt's first chunk or whole answer (default: the deadline)."
+    )
+    idle_timeout_s: float | None = Field(
+        None, gt=0, description="Longest gap between two chunks of a stream (default: no limit but the deadline)."
+    )
+
+
+EscalationReason = Literal["invalid_output", "low_confidence", "error", "predicted_hard"]
+DEFAULT_ESCALATION: tuple[EscalationReason, ...] = ("invalid_output", "error")
+
+
+class ConfidenceSettings(Section):
+    """When a tier's token log-probabilities say it guessed: escalate. Needs a tier that returns logprobs."""
+
+    metric: Literal["mean", "min"] = Field("mean", description="Mean or minimum token log-probability.")
+    threshold: float | None = Field(
+        None, le=0, description="Escalate below this; unset: calibrated per tier from the outcome log."
+    )
+    target_failure_rate: float = Field(
+        0.5, gt=0, le=1, description="Calibration: escalate where answers this unconfident failed this often."
+    )
+    min_samples: int = Field(30, ge=2, description="Calibration waits for this many validated answers per tier.")
+
+
+class SelfConsistencySettings(Section):
+    """Ask a tier twice at a higher temperature; escalate when the two answers disagree (both are paid for)."""
+
+    temperature: float = Field(0.8, gt=0, le=2, description="Temperature of the second sample.")
+
+
 class ModelRoute(Section):
     """A public model name, as clients put it in `model`: one backend, a cascade, or an embedder."""
 
@@ -37,6 +75,35 @@ class ModelRoute(Section):
         None, description="Backends tried cheapest first (escalation rules come with the cascade)."
     )
     embedding: str | None = Field(None, description="Embedder that serves /v1/embeddings for this name.")
+    fallbacks: list[str] = Field(
+        default_factory=list, description="Backends tried in order when the model's own backend(s) fail."
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, description="Deadline for this model's requests (default: server.request_timeout_s)."
+    )
+    retries: RetrySettings | None = Field(None, description="Overrides reliability.retries for this model.")
+    attempt_timeout_s: float | None = Field(None, gt=0, description="Overrides reliability.attempt_timeout_s.")
+    idle_timeout_s: float | None = Field(None, gt=0, description="Overrides reliability.idle_timeout_s.")
+    escalate_on: list[EscalationReason] = Field(
+        default_factory=lambda: list(DEFAULT_ESCALATION),
+        description="What sends a request from one cascade tier to the next.",
+    )
+    validators: list[ValidatorSettings] = Field(
+        default_factory=list, description="Checks every answer must pass (besides those the request implies)."
+    )
+    on_final_failure: Literal["return", "error"] = Field(
+        "return", description="Last tier's answer fails validation: return it with a header, or answer 422."
+    )
+    stream_mode: Literal["buffer", "passthrough"] = Field(
+        "buffer", description="Streams with validators: buffer each tier until valid, or stream only the last tier."
+    )
+    repair_hint: bool = Field(False, description="Tell the next tier why the previous answer was refused.")
+    confidence: ConfidenceSettings = Field(
+        default_factory=ConfidenceSettings, description="Used when escalate_on has low_confidence."
+    )
+    self_consistency: SelfConsistencySettings | None = Field(
+        None, description="Second sample per non-final tier; disagreement escalates."
+    )
     description: str = Field("", description="Shown by GET /v1/models and `tiergate check`.")
 
     @model_validator(mode="after")
@@ -55,6 +122,9 @@ class ModelRoute(Section):
 class Policy(Section):
     version: int = Field(1, ge=1, le=1, description="Schema version of this file.")
     server: ServerSettings = Field(default_factory=ServerSettings, description="Listener and limits.")
+    reliability: ReliabilitySettings = Field(
+        default_factory=ReliabilitySettings, description="Retries, circuit breakers and timeouts."
+    )
     backends: dict[str, BackendSettings] = Field(
         default_factory=dict, description="Generation backends by name, each with a `type`."
     )

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
 from backends.errors import NotFound
 from backends.registry import BackendSettings, EmbedderSettings
 from router.loader import LoadedPolicy, Location, PolicyError
-from router.policy import ServerSettings
+from router.policy import ModelRoute, ReliabilitySettings, ServerSettings
+from router.reliability import BreakerSettings, RetrySettings
+from router.validators import Validator, build
 
 RouteKind = Literal["backend", "cascade", "embedding"]
 
@@ -21,6 +23,17 @@ class Route:
     kind: RouteKind
     targets: tuple[str, ...]
     description: str = ""
+    fallbacks: tuple[str, ...] = ()
+    timeout_s: float = 300.0
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    attempt_timeout_s: float | None = None
+    idle_timeout_s: float | None = None
+    settings: ModelRoute | None = None  # the policy entry: escalation, validators, streaming
+    validators: tuple[Validator, ...] = ()
+
+    def candidates(self) -> tuple[str, ...]:
+        return self.targets + self.fallbacks
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,7 @@ class RoutingTable:
     backends: Mapping[str, BackendSettings]
     embedders: Mapping[str, EmbedderSettings]
     disabled: Mapping[str, str]  # backend name -> why it cannot serve
+    reliability: ReliabilitySettings = field(default_factory=ReliabilitySettings)
 
     def route(self, model: str) -> Route:
         found = self.routes.get(model)
@@ -54,7 +68,10 @@ class RoutingTable:
                 note = f" [disabled: {self.disabled[target]}]" if target in self.disabled else ""
                 targets.append(f"{target} ({kind}){note}")
             joiner = " -> " if route.kind == "cascade" else ", "
-            rows.append((route.name, route.kind, joiner.join(targets)))
+            described = joiner.join(targets)
+            if route.fallbacks:
+                described += f"; fallbacks: {', '.join(route.fallbacks)}"
+            rows.append((route.name, route.kind, described))
         widths = [max(len(row[column]) for row in rows) for column in range(2)]
         return "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}".rstrip() for row in rows)
 
@@ -77,7 +94,7 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
             where = loaded.where(("models", name, "embedding"))
             if model.embedding not in policy.embeddings:
                 problems.append(f"{where}: unknown embedder '{model.embedding}' ({_known(policy.embeddings)})")
-            routes[name] = Route(name, "embedding", (model.embedding,), model.description)
+            routes[name] = _route(name, "embedding", model, policy.server, policy.reliability)
             continue
         if model.cascade is not None:
             locations: list[Location] = [("models", name, "cascade", index) for index in range(len(model.cascade))]
@@ -85,7 +102,8 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
         else:
             locations = [("models", name, "backend")]
             kind = "backend"
-        targets = model.targets()
+        targets = model.targets() + model.fallbacks
+        locations += [("models", name, "fallbacks", index) for index in range(len(model.fallbacks))]
         for target, location in zip(targets, locations, strict=True):
             where = loaded.where(location)
             if target in policy.embeddings:
@@ -94,8 +112,8 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
                 problems.append(f"{where}: unknown backend '{target}' ({_known(policy.backends)})")
         for index, target in enumerate(targets):
             if target in targets[:index]:
-                problems.append(f"{loaded.where(locations[index])}: '{target}' appears twice in the cascade")
-        routes[name] = Route(name, kind, tuple(targets), model.description)
+                problems.append(f"{loaded.where(locations[index])}: '{target}' appears twice in this model's backends")
+        routes[name] = _route(name, kind, model, policy.server, policy.reliability)
 
     if problems:
         raise PolicyError(problems)
@@ -106,6 +124,26 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
         backends=MappingProxyType(dict(policy.backends)),
         embedders=MappingProxyType(dict(policy.embeddings)),
         disabled=MappingProxyType(disabled),
+        reliability=policy.reliability,
+    )
+
+
+def _route(
+    name: str, kind: RouteKind, model: ModelRoute, server: ServerSettings, defaults: ReliabilitySettings
+) -> Route:
+    return Route(
+        name,
+        kind,
+        tuple(model.targets()),
+        model.description,
+        fallbacks=tuple(model.fallbacks),
+        timeout_s=model.timeout_s or server.request_timeout_s,
+        retry=model.retries or defaults.retries,
+        breaker=defaults.breaker,
+        attempt_timeout_s=model.attempt_timeout_s or defaults.attempt_timeout_s,
+        idle_timeout_s=model.idle_timeout_s or defaults.idle_timeout_s,
+        settings=model,
+        validators=tuple(build(validator) for validator in model.validators),
     )
 
 

@@ -1,0 +1,48 @@
+"""What each tier's answers turned out to be, kept to calibrate confidence thresholds (and, later, to learn)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    tier: str
+    ok: bool  # passed every validator
+    confidence: float | None  # mean or minimum token log-probability, when the tier gave them
+
+
+class OutcomeLog:
+    """A bounded in-memory log per tier (the shared store replaces it when replicas share state)."""
+
+    def __init__(self, size: int = 5000) -> None:
+        self.size = size
+        self._by_tier: dict[str, deque[Outcome]] = {}
+
+    def add(self, outcome: Outcome) -> None:
+        self._by_tier.setdefault(outcome.tier, deque(maxlen=self.size)).append(outcome)
+
+    def of(self, tier: str) -> list[Outcome]:
+        return list(self._by_tier.get(tier, ()))
+
+    def calibrated_threshold(self, tier: str, min_samples: int, target_failure_rate: float) -> float | None:
+        """The highest confidence t such that answers below t failed at least `target_failure_rate` of the time.
+
+        None until the log holds `min_samples` scored answers with both outcomes: no evidence, no escalation.
+        """
+        scored = sorted((o.confidence, o.ok) for o in self.of(tier) if o.confidence is not None)
+        if len(scored) < min_samples or all(ok for _, ok in scored) or not any(ok for _, ok in scored):
+            return None
+        best: float | None = None
+        failures = 0
+        for count, (confidence, ok) in enumerate(scored, start=1):
+            failures += not ok
+            at_boundary = count == len(scored) or scored[count][0] != confidence
+            if at_boundary and failures / count >= target_failure_rate:
+                best = confidence
+        if best is None:
+            return None
+        # escalate strictly below the next scored value above `best`, i.e. everything up to `best` inclusive
+        above = [confidence for confidence, _ in scored if confidence > best]
+        return (best + above[0]) / 2 if above else best + 1e-9
