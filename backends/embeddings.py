@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from backends.errors import BackendUnavailable
+from backends.batching import MicroBatcher
+from backends.errors import BackendUnavailable, BadRequest
 from backends.model_files import ModelFileError, resolve
 from backends.settings import ModelSourceSettings, StrictSettings
 
@@ -19,6 +20,9 @@ class SentenceTransformerSettings(StrictSettings):
     model: ModelSourceSettings = Field(description="Where the model folder is (path, or package + file).")
     max_batch: int = Field(64, ge=1, description="Texts encoded per forward pass.")
     max_inputs: int = Field(2048, ge=1, description="Most texts accepted in one request.")
+    batch_window_ms: float = Field(
+        3.0, ge=0, description="Requests arriving within this window share one forward pass (micro-batching)."
+    )
 
     def create(self, name: str) -> SentenceTransformerEmbedder:
         return SentenceTransformerEmbedder(name, self)
@@ -31,12 +35,15 @@ class SentenceTransformerEmbedder:
         self.dimensions = 0
         self._model: Any = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{name}")
+        self._batcher: MicroBatcher[str, tuple[list[float], int]] = MicroBatcher(
+            self._encode, self._executor, settings.batch_window_ms / 1000, settings.max_batch
+        )
 
     def ready(self) -> bool:
         return self._model is not None
 
     def status(self) -> dict[str, Any]:
-        return {"dimensions": self.dimensions}
+        return {"dimensions": self.dimensions, "batched_calls": self._batcher.calls}
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
@@ -56,16 +63,19 @@ class SentenceTransformerEmbedder:
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         if self._model is None:
             raise BackendUnavailable(f"embedder '{self.name}' is not loaded yet", retry_after=5)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._encode, texts)
+        if len(texts) > self.settings.max_inputs:
+            raise BadRequest(f"at most {self.settings.max_inputs} inputs per request", param="input")
+        results = await self._batcher.submit(texts)
+        return [vector for vector, _ in results], sum(tokens for _, tokens in results)
 
-    def _encode(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        tokenizer = self._model.tokenizer
+    def _encode(self, texts: list[str]) -> list[tuple[list[float], int]]:
+        """One forward pass for the texts of every caller in the batch: (vector, tokens read) per text."""
         limit = self._model.max_seq_length
-        tokens = sum(min(len(ids), limit) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
+        counts = [min(len(ids), limit) for ids in self._model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
         vectors = self._model.encode(
             texts, batch_size=self.settings.max_batch, convert_to_numpy=True, normalize_embeddings=True
         )
-        return vectors.tolist(), tokens
+        return list(zip(vectors.tolist(), counts, strict=True))
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=True)

@@ -164,3 +164,18 @@ def test_embeddings_in_base64(gateway: Server, client: OpenAI) -> None:
     packed = json.loads(raw.text)["data"][0]["embedding"]
     decoded = np.frombuffer(base64.b64decode(packed), dtype="<f4")
     assert np.allclose(decoded, plain.data[0].embedding, atol=1e-6)
+
+
+def test_concurrent_embedding_requests_share_forward_passes(gateway: Server, client: OpenAI) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = gateway.status("minilm")["batched_calls"]
+    assert isinstance(before, int)
+    texts = [f"sentence number {index}" for index in range(16)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(lambda text: client.embeddings.create(model="all-MiniLM-L6-v2", input=text), texts))
+    single = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts[3]).data[0].embedding
+    assert np.allclose(results[3].data[0].embedding, single, atol=1e-5)  # batching does not mix answers up
+    calls = gateway.status("minilm")["batched_calls"]
+    assert isinstance(calls, int)
+    assert calls - before < 16 + 1
