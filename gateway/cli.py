@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 from pathlib import Path
 
@@ -38,15 +40,36 @@ models: {", ".join(table.routes)}
 
 
 def serve(args: argparse.Namespace) -> int:
+    table = load_table(args.policy)
+    host = args.host or table.server.host
+    port = args.port if args.port is not None else table.server.port
+    listener = log_off_the_hot_path(os.environ.get("TIERGATE_LOG_LEVEL", "INFO"))
+    print(banner(table, host, port), flush=True)
+    try:
+        run_server(table, host, port)
+    finally:
+        listener.stop()
+    return 0
+
+
+def log_off_the_hot_path(level: str) -> logging.handlers.QueueListener:
+    """Handlers write from a thread of their own: a request never waits on the terminal or a pipe."""
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    writer = logging.StreamHandler()
+    writer.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.setLevel(level)
+    root.handlers[:] = [logging.handlers.QueueHandler(records)]
+    listener = logging.handlers.QueueListener(records, writer)
+    listener.start()
+    return listener
+
+
+def run_server(table: RoutingTable, host: str, port: int) -> None:
     import uvicorn
 
     from gateway.app import create_app
 
-    table = load_table(args.policy)
-    host = args.host or table.server.host
-    port = args.port if args.port is not None else table.server.port
-    logging.basicConfig(level=os.environ.get("TIERGATE_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
-    print(banner(table, host, port), flush=True)
     uvicorn.run(
         create_app(table),
         host=host,
@@ -56,8 +79,8 @@ def serve(args: argparse.Namespace) -> int:
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=10,
+        log_config=None,  # keep the root logger's queue handler
     )
-    return 0
 
 
 def check(args: argparse.Namespace) -> int:
