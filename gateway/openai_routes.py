@@ -96,6 +96,8 @@ def transparency(answer: Answer | Stream, began: float) -> dict[str, str]:
     if answer.costs is not None:
         headers["x-tiergate-cost-usd"] = f"{answer.costs.total_usd:.8f}"
         headers["x-tiergate-saved-usd"] = f"{answer.costs.saved_usd:.8f}"
+    if answer.intent:
+        headers["x-tiergate-intent"] = answer.intent
     if not answer.validation.ok:
         headers["x-tiergate-validation"] = f"failed; {answer.validation.reason}"[:500]
     return headers

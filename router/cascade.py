@@ -8,10 +8,13 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from backends.base import Backend, GenerationRequest, Payload
 from backends.errors import TiergateError, Unsupported
 from backends.protocol import ChatRequest, Message
 from router.attempts import Attempt, Attempts, Plan
+from router.learned import DifficultyLearner
 from router.outcomes import Outcome, OutcomeLog
 from router.table import Route
 from router.validators import Context, Verdict, implied_by, prompt_text
@@ -23,6 +26,14 @@ class OutputInvalid(TiergateError):
     status = 422
     error_type = "invalid_output_error"
     code = "output_validation_failed"
+
+
+@dataclass(frozen=True)
+class Guide:
+    """The difficulty learner of a cascade and this request's prompt vector."""
+
+    learner: DifficultyLearner
+    vector: np.ndarray[Any, Any]
 
 
 @dataclass
@@ -114,6 +125,7 @@ class Cascade:
         request: GenerationRequest,
         deadline: float,
         stop_before_final: bool = False,
+        guide: Guide | None = None,
     ) -> Outcomes | None:
         """The first acceptable answer, tier by tier; None if `stop_before_final` and every earlier tier failed."""
         assert route.settings is not None
@@ -129,6 +141,11 @@ class Cascade:
             final = index == len(tiers) - 1
             if final and stop_before_final:
                 return None
+            if guide is not None and not final:
+                score = guide.learner.predict(tier.name, guide.vector)
+                if score is not None and guide.learner.skip(tier.name, score):
+                    trail.append(Attempt(tier.name, f"predicted_hard={score:.2f}"))
+                    continue
             plan = Plan(
                 [tier, *(fallbacks if final else [])],
                 route.retry,
@@ -164,6 +181,8 @@ class Cascade:
                 verdict = self._confident(route, backend.name, confidence)
             if not final and verdict.ok and settings.self_consistency is not None:
                 verdict = await self._consistent(route, plan, tier, asked, payload, costs)
+            if guide is not None and backend is tier:
+                guide.learner.record(tier.name, guide.vector, failed=not verdict.ok)
             last = Outcomes(payload, backend, plans, trail, costs, verdict)
             if verdict.ok:
                 break

@@ -67,6 +67,35 @@ class SelfConsistencySettings(Section):
     temperature: float = Field(0.8, gt=0, le=2, description="Temperature of the second sample.")
 
 
+class ExampleSet(Section):
+    easy: list[str] = Field(default_factory=list, description="Requests this tier answers well.")
+    hard: list[str] = Field(default_factory=list, description="Requests this tier fails.")
+
+
+class DifficultySettings(Section):
+    """Skip tiers a request will likely fail (escalate_on: predicted_hard), learning from outcomes."""
+
+    embedder: str = Field(description="Embedder (from `embeddings`) that turns prompts into vectors.")
+    k: int = Field(25, ge=1, description="Neighbours the kNN predictor looks at.")
+    threshold: float | None = Field(
+        0.5, ge=0, le=1, description="Skip a tier when its predicted failure probability is above this."
+    )
+    max_top_tier_share: float | None = Field(
+        None, ge=0, le=1, description="Instead of `threshold`: calibrate so at most this share skips a tier."
+    )
+    min_examples: int = Field(20, ge=2, description="No skipping until a tier has this many labelled outcomes.")
+    refit_every: int = Field(10, ge=1, description="Refit the predictor after this many new outcomes.")
+    examples: dict[str, ExampleSet] = Field(
+        default_factory=dict, description="Known easy/hard requests per tier, learned before any traffic."
+    )
+
+
+class IntentRoute(Section):
+    name: str = Field(description="Shown in x-tiergate-intent.")
+    examples: Annotated[list[str], Field(min_length=1)] = Field(description="Utterances typical of this intent.")
+    model: str = Field(description="The public model (cascade) that serves this intent.")
+
+
 class ModelRoute(Section):
     """A public model name, as clients put it in `model`: one backend, a cascade, or an embedder."""
 
@@ -104,16 +133,27 @@ class ModelRoute(Section):
     self_consistency: SelfConsistencySettings | None = Field(
         None, description="Second sample per non-final tier; disagreement escalates."
     )
+    difficulty: DifficultySettings | None = Field(None, description="The learned difficulty router of this cascade.")
+    intents: list[IntentRoute] | None = Field(
+        None, description="Semantic routing: the nearest intent above min_similarity picks the model."
+    )
+    default: str | None = Field(None, description="With intents: the model when no intent is close enough.")
+    embedder: str | None = Field(None, description="With intents: the embedder that compares utterances.")
+    min_similarity: float = Field(0.5, ge=-1, le=1, description="With intents: cosine similarity needed to match.")
     description: str = Field("", description="Shown by GET /v1/models and `tiergate check`.")
 
     @model_validator(mode="after")
     def _exactly_one_target(self) -> ModelRoute:
-        targets = [name for name in ("backend", "cascade", "embedding") if getattr(self, name) is not None]
+        targets = [name for name in ("backend", "cascade", "embedding", "intents") if getattr(self, name) is not None]
         if len(targets) != 1:
-            raise ValueError(f"give exactly one of backend, cascade, embedding (got {targets or 'none'})")
+            raise ValueError(f"give exactly one of backend, cascade, embedding, intents (got {targets or 'none'})")
+        if self.intents is not None and (self.default is None or self.embedder is None):
+            raise ValueError("intents need 'default' (a model) and 'embedder'")
         return self
 
     def targets(self) -> list[str]:
+        if self.intents is not None:
+            return [intent.model for intent in self.intents] + [self.default or ""]
         if self.cascade is not None:
             return list(self.cascade)
         return [self.backend or self.embedding or ""]

@@ -14,7 +14,7 @@ from router.policy import ModelRoute, ReliabilitySettings, ServerSettings
 from router.reliability import BreakerSettings, RetrySettings
 from router.validators import Validator, build
 
-RouteKind = Literal["backend", "cascade", "embedding"]
+RouteKind = Literal["backend", "cascade", "embedding", "intent"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class RoutingTable:
             targets = []
             for target in route.targets:
                 settings = self.backends.get(target) or self.embedders.get(target)
-                kind = settings.type if settings is not None else "?"
+                kind = settings.type if settings is not None else "model"
                 note = f" [disabled: {self.disabled[target]}]" if target in self.disabled else ""
                 targets.append(f"{target} ({kind}){note}")
             joiner = " -> " if route.kind == "cascade" else ", "
@@ -96,6 +96,12 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
                 problems.append(f"{where}: unknown embedder '{model.embedding}' ({_known(policy.embeddings)})")
             routes[name] = _route(name, "embedding", model, policy.server, policy.reliability)
             continue
+        if model.intents is not None:
+            problems += _check_intents(loaded, name, model)
+            routes[name] = _route(name, "intent", model, policy.server, policy.reliability)
+            continue
+        if model.difficulty is not None:
+            problems += _check_difficulty(loaded, name, model)
         if model.cascade is not None:
             locations: list[Location] = [("models", name, "cascade", index) for index in range(len(model.cascade))]
             kind: RouteKind = "cascade"
@@ -145,6 +151,39 @@ def _route(
         settings=model,
         validators=tuple(build(validator) for validator in model.validators),
     )
+
+
+def _check_intents(loaded: LoadedPolicy, name: str, model: ModelRoute) -> list[str]:
+    policy = loaded.policy
+    problems = []
+    if model.embedder not in policy.embeddings:
+        where = loaded.where(("models", name, "embedder"))
+        problems.append(f"{where}: unknown embedder '{model.embedder}' ({_known(policy.embeddings)})")
+    targets: list[tuple[Location, str]] = [
+        (("models", name, "intents", index, "model"), intent.model) for index, intent in enumerate(model.intents or [])
+    ]
+    targets.append((("models", name, "default"), model.default or ""))
+    for location, target in targets:
+        found = policy.models.get(target)
+        if found is None:
+            problems.append(f"{loaded.where(location)}: unknown model '{target}' ({_known(policy.models)})")
+        elif found.intents is not None or found.embedding is not None:
+            problems.append(f"{loaded.where(location)}: '{target}' must be a backend or cascade model")
+    return problems
+
+
+def _check_difficulty(loaded: LoadedPolicy, name: str, model: ModelRoute) -> list[str]:
+    policy = loaded.policy
+    assert model.difficulty is not None
+    problems = []
+    if model.difficulty.embedder not in policy.embeddings:
+        where = loaded.where(("models", name, "difficulty", "embedder"))
+        problems.append(f"{where}: unknown embedder '{model.difficulty.embedder}' ({_known(policy.embeddings)})")
+    for tier in model.difficulty.examples:
+        if tier not in model.targets():
+            where = loaded.where(("models", name, "difficulty", "examples", tier))
+            problems.append(f"{where}: '{tier}' is not a tier of this model")
+    return problems
 
 
 def _known(names: Mapping[str, object]) -> str:

@@ -120,7 +120,7 @@ def test_model_needs_exactly_one_target() -> None:
         models:
           a: {{backend: smol, cascade: [smol]}}
         """
-    ) == ["p.yaml:5: models.a: give exactly one of backend, cascade, embedding (got ['backend', 'cascade'])"]
+    ) == ["p.yaml:5: models.a: give exactly one of backend, cascade, embedding, intents (got ['backend', 'cascade'])"]
 
 
 def test_duplicate_keys_are_an_error_not_silently_merged() -> None:
