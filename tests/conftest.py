@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 from openai import OpenAI
+
+from tests.upstream import UpstreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,13 +32,16 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    clients: list[OpenAI] = field(default_factory=list)  # closed with the server, not left to the GC
 
     @property
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
     def client(self, api_key: str = "none", **options: object) -> OpenAI:
-        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, **options)  # type: ignore[arg-type]
+        made = OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, **options)  # type: ignore[arg-type]
+        self.clients.append(made)
+        return made
 
     def status(self, backend: str) -> dict[str, object]:
         body = httpx.get(f"{self.url}/readyz", timeout=5).json()
@@ -69,12 +75,33 @@ def start_server(policy: Path, log: Path, env: dict[str, str] | None = None, rea
 
 
 def stop_server(server: Server) -> None:
+    for client in server.clients:
+        client.close()
     server.process.terminate()
     try:
         server.process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait()
+
+
+@contextlib.contextmanager
+def serving(policy_text: str, folder: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """A gateway on a policy written for the test (e.g. pointing at a fault-injecting upstream)."""
+    policy = folder / "policy.yaml"
+    policy.write_text(policy_text)
+    server = start_server(policy, folder / "gateway.log", env)
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[UpstreamServer]:
+    """A fault-injecting OpenAI-compatible upstream for the test module (see tests/upstream.py)."""
+    with UpstreamServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import Server, serving
 from tests.upstream import Behaviour, UpstreamServer
 
 CANNED = "Hello from the upstream"
@@ -62,19 +62,11 @@ models:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamServer]:
-    with UpstreamServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def gateway(upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    folder = tmp_path_factory.mktemp("cascade")
-    policy = folder / "policy.yaml"
-    policy.write_text(POLICY.format(url=upstream.base_url, smol=SMOL, canned=CANNED))
-    server = start_server(policy, folder / "gateway.log")
-    yield server
-    stop_server(server)
+    with serving(
+        POLICY.format(url=upstream.base_url, smol=SMOL, canned=CANNED), tmp_path_factory.mktemp("cascade")
+    ) as server:
+        yield server
 
 
 @pytest.fixture()

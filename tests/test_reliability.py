@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import Server, serving
 from tests.upstream import Behaviour, UpstreamServer
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -47,19 +47,13 @@ models:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamServer]:
-    with UpstreamServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def gateway(upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    folder = tmp_path_factory.mktemp("reliability")
-    policy = folder / "policy.yaml"
-    policy.write_text(POLICY.format(url=upstream.base_url))
-    server = start_server(policy, folder / "gateway.log", env={"TIERGATE_TEST_UNSET_KEY": ""})
-    yield server
-    stop_server(server)
+    with serving(
+        POLICY.format(url=upstream.base_url),
+        tmp_path_factory.mktemp("reliability"),
+        env={"TIERGATE_TEST_UNSET_KEY": ""},
+    ) as server:
+        yield server
 
 
 @pytest.fixture()
@@ -225,10 +219,7 @@ models:
 
 
 def test_the_retry_budget_bounds_extra_attempts(upstream: UpstreamServer, tmp_path: Path) -> None:
-    policy = tmp_path / "budget.yaml"
-    policy.write_text(BUDGET_POLICY.format(url=upstream.base_url))
-    server = start_server(policy, tmp_path / "budget.log")
-    try:
+    with serving(BUDGET_POLICY.format(url=upstream.base_url), tmp_path) as server:
         upstream.app.reset()
         upstream.plan("flaky", default=Behaviour(status=503))
         client = server.client()
@@ -238,5 +229,3 @@ def test_the_retry_budget_bounds_extra_attempts(upstream: UpstreamServer, tmp_pa
             assert caught.value.status_code == 503
         # a floor of 0.2 retries/s over a 10 s window: 2 retries in all, not 3 per request
         assert upstream.attempts("flaky") == 5 + 2
-    finally:
-        stop_server(server)
