@@ -66,13 +66,13 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
         except ClientGone:
             response = Response(status_code=CLIENT_CLOSED)
         except Exception:
-            log.exception("unhandled error on %s", request.url.path)
+            log.exception("unhandled error on %s", request.scope["path"])
             response = error_response(InternalError("internal error; see the gateway log"))
         if log.isEnabledFor(logging.INFO):
             log.info(
                 orjson.dumps(
                     {
-                        "path": request.url.path,
+                        "path": request.scope["path"],
                         "status": response.status_code,
                         "ms": round((time.perf_counter() - began) * 1000, 2),
                         **{key[11:]: value for key, value in response.headers.items() if key.startswith("x-tiergate-")},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -118,11 +119,11 @@ class Attempts:
                         )
                     )
                     break
-                began = loop.time()
+                began = time.perf_counter()  # uvloop's loop.time() moves in 1 ms steps
                 try:
                     result = await self._one(plan, backend, invoke)
                 except TiergateError as error:
-                    spent = loop.time() - began
+                    spent = time.perf_counter() - began
                     plan.waited_s += spent
                     plan.attempts.append(Attempt(backend.name, error.code or type(error).__name__, spent))
                     if error.backend_fault:
@@ -151,7 +152,7 @@ class Attempts:
                 except BaseException:
                     breaker.release()
                     raise
-                spent = loop.time() - began
+                spent = time.perf_counter() - began
                 plan.waited_s += spent
                 breaker.record(failed=False)
                 plan.attempts.append(Attempt(backend.name, "ok", spent))
@@ -179,8 +180,11 @@ class Attempts:
         try:
             while True:
                 try:
-                    async with asyncio.timeout(plan.idle_timeout_s):
+                    if plan.idle_timeout_s is None:
                         chunk = await anext(chunks)
+                    else:
+                        async with asyncio.timeout(plan.idle_timeout_s):
+                            chunk = await anext(chunks)
                 except StopAsyncIteration:
                     return
                 except TimeoutError as idle:

@@ -260,16 +260,15 @@ def implied_by(request: ChatRequest | CompletionRequest) -> list[Validator]:
             found.append(JsonSchemaValidator(response_format.json_schema.schema_))
         elif response_format.type == "json_object":
             found.append(JsonObjectValidator())
-    options = request.tiergate or {}
-    pattern = options.get("regex") or getattr(request, "guided_regex", None)
+    options = request.tiergate
+    if not options:
+        return found
+    pattern = options.get("regex")
     if isinstance(pattern, str):
         found.append(RegexValidator(pattern))
-    choices = options.get("choices") or getattr(request, "guided_choice", None)
+    choices = options.get("choices")
     if isinstance(choices, list) and choices:
         found.append(ChoicesValidator(tuple(str(choice) for choice in choices)))
-    schema = getattr(request, "guided_json", None)
-    if isinstance(schema, dict):
-        found.append(JsonSchemaValidator(schema))
     return found
 
 
