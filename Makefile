@@ -13,7 +13,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 CODE := $(wildcard gateway router backends tests bench)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock requirements-litellm.lock | sha1sum | cut -c1-12)
 
-.PHONY: install serve test check lint typecheck node-deps clean
+.PHONY: install serve test check lint typecheck node-deps clean bench
 
 $(STAMP): pyproject.toml requirements.lock requirements-litellm.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ test: install node-deps
 
 check: install
 	$(VENV)/bin/tiergate check policies/default.yaml
+
+# Gateway overhead vs LiteLLM's proxy and a bare relay (bench/README-overhead.md). The first run installs wrk
+# (apt-get, as root) and LiteLLM into bench/.venv-litellm. `make bench BENCH_ARGS=--quick` for a smoke run.
+BENCH_ARGS ?=
+bench: install
+	$(PY) bench/overhead.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules
