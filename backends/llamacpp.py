@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
-import json
 import os
 import threading
 import time
@@ -17,7 +17,8 @@ from pydantic import Field
 
 from backends import llamacpp_translate as translate
 from backends.base import Capabilities, GenerationRequest, Payload
-from backends.errors import BackendUnavailable, BadRequest, ContextLengthExceeded, InternalError, TiergateError
+from backends.constrained import ConstraintCompiler, constraint_from_request
+from backends.errors import BackendUnavailable, ContextLengthExceeded, InternalError, TiergateError
 from backends.gate import FifoGate
 from backends.llamacpp_decode import Finish, Piece, decode
 from backends.model_files import check_gguf, resolve
@@ -52,6 +53,10 @@ class LlamaCppSettings(StrictSettings):
         None, ge=1, description="Largest answer in tokens a request may get (default: the rest of the context)."
     )
     max_queue: int = Field(32, ge=0, description="Requests that may wait for the model; beyond: 503 + Retry-After.")
+    constraint_compile_s: float = Field(
+        10.0, gt=0, description="Longest a response_format / guided_* constraint may take to compile; beyond: 400."
+    )
+    constraint_cache: int = Field(32, ge=1, description="Compiled constraints kept per model (least recently used go).")
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults, description="Defaults for sampling knobs.")
     price: PriceSettings = Field(default_factory=PriceSettings, description="What a token costs here.")
 
@@ -72,6 +77,7 @@ class LlamaCppBackend:
         self.price = settings.price.price()
         self.fingerprint = ""
         self._llama: Any = None
+        self._constraints: ConstraintCompiler | None = None
         self._chat_formatter: Any = None
         self._gate = FifoGate(name, settings.max_queue)
         self._sampled_tokens = 0  # lifetime count, shown by /readyz; proves a cancelled decode stopped
@@ -82,13 +88,14 @@ class LlamaCppBackend:
         return self._gate
 
     def ready(self) -> bool:
-        return self._llama is not None
+        return self._llama is not None and self._constraints is not None  # loaded and self-tested
 
     def status(self) -> dict[str, Any]:
         return {
             "busy": self._gate.busy,
             "waiting": self._gate.waiting,
             "sampled_tokens": self._sampled_tokens,
+            "constraints": self._constraints.status() if self._constraints is not None else None,
         }
 
     async def start(self) -> None:
@@ -127,8 +134,18 @@ class LlamaCppBackend:
                 bos_token=model.token_get_text(bos) if bos != -1 else "",
             )
 
+        # Outlines drops out silently when its processor fails inside llama.cpp's sampler (numba missing):
+        # prove a constrained generation really is constrained before serving.
+        self._constraints = ConstraintCompiler(
+            self._llama, max_compile_s=self.settings.constraint_compile_s, cache_size=self.settings.constraint_cache
+        )
+        self._constraints.self_test()
+
     async def aclose(self) -> None:
         self._executor.shutdown(wait=True)
+        if self._constraints is not None:
+            self._constraints.close()
+            self._constraints = None
         if self._llama is not None:
             self._llama.close()
             self._llama = None
@@ -138,6 +155,7 @@ class LlamaCppBackend:
             translate.check_chat(request, self.name, logprobs=self.settings.logprobs)
         else:
             translate.check_completion(request, self.name, logprobs=self.settings.logprobs)
+        constraint_from_request(request)  # refuse unsafe schemas and patterns before the request queues
 
     # --- running the token loop in the worker thread ---
 
@@ -168,22 +186,6 @@ class LlamaCppBackend:
             )
         return tokens
 
-    def _grammar(self, request: GenerationRequest) -> Any:
-        if not isinstance(request, ChatRequest) or request.response_format is None:
-            return None
-        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
-
-        response_format = request.response_format
-        try:
-            if response_format.type == "json_object":
-                return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-            if response_format.type == "json_schema" and response_format.json_schema is not None:
-                schema = json.dumps(response_format.json_schema.schema_)
-                return LlamaGrammar.from_json_schema(schema, verbose=False)
-        except (ValueError, RuntimeError, KeyError, TypeError) as error:
-            raise BadRequest(f"cannot enforce this JSON schema: {error}", param="response_format") from error
-        return None
-
     async def _pieces(
         self, request: GenerationRequest, prompt: str | list[int] | None
     ) -> AsyncIterator[Piece | Finish]:
@@ -203,9 +205,16 @@ class LlamaCppBackend:
                     request,
                     self.settings.sampling.model_dump(),
                     max_tokens=self._max_tokens(_requested_tokens(request)),
-                    grammar=self._grammar(request),
                 )
+                constraint = constraint_from_request(request)
+                processor = None
+                if constraint is not None and self._constraints is not None:
+                    processor = self._constraints.processor(constraint)  # compiled once per schema, then cached
+                    # first, so that logit_bias (appended by decode) cannot bring back forbidden tokens
+                    params = dataclasses.replace(params, logits_processors=(processor, *params.logits_processors))
                 for item in decode(self._llama, tokens, params, stop_requested):
+                    if processor is not None and isinstance(item, Finish):
+                        processor.check()  # a failed processor ends the text early; say so instead
                     loop.call_soon_threadsafe(queue.put_nowait, item)
             except BaseException as error:
                 loop.call_soon_threadsafe(queue.put_nowait, error)

@@ -97,6 +97,10 @@ class SamplingParams(Strict):
     user: StrictStr | None = None
     # tiergate's own options (extra_body={"tiergate": {...}}); later issues give it keys.
     tiergate: dict[str, Any] | None = None
+    # vLLM's structured-output fields (extra_body); backends/constrained.py takes one constraint per request.
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingParams:

@@ -260,15 +260,18 @@ def implied_by(request: ChatRequest | CompletionRequest) -> list[Validator]:
             found.append(JsonSchemaValidator(response_format.json_schema.schema_))
         elif response_format.type == "json_object":
             found.append(JsonObjectValidator())
-    options = request.tiergate
-    if not options:
-        return found
-    pattern = options.get("regex")
+    options = request.tiergate or {}
+    pattern = options.get("regex") or request.guided_regex
     if isinstance(pattern, str):
         found.append(RegexValidator(pattern))
-    choices = options.get("choices")
+    choices = options.get("choices") or request.guided_choice
     if isinstance(choices, list) and choices:
         found.append(ChoicesValidator(tuple(str(choice) for choice in choices)))
+    schema = request.guided_json
+    if isinstance(schema, str):
+        schema, _ = _parse_json(schema)
+    if isinstance(schema, dict):
+        found.append(JsonSchemaValidator(schema))
     return found
 
 
