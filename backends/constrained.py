@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-from backends.errors import BackendUnavailable, BadRequest, UpstreamError
+from backends.errors import BackendUnavailable, BadRequest, ConstraintFailed, UpstreamError
 from backends.protocol import ChatRequest, CompletionRequest
 
 if TYPE_CHECKING:
@@ -226,9 +226,8 @@ class ConstrainedProcessor:
         every answer against what the request implies), as `Constraint.validate` does here for the self-test.
         """
         if self.error is not None:
-            raise UpstreamError(
-                f"constrained decoding failed ({type(self.error).__name__}: {self.error})",
-                code="constraint_failed",
+            raise ConstraintFailed(
+                f"constrained decoding failed ({type(self.error).__name__}: {self.error})"
             ) from self.error
 
 
@@ -310,7 +309,7 @@ class ConstraintCompiler:
         try:
             processor.check()
             processor.constraint.validate(text)
-        except UpstreamError as error:
+        except (UpstreamError, ConstraintFailed) as error:
             raise BackendUnavailable(f"constrained decoding is not applied on this model: {error.message}") from error
         # Guided at every step, the end of text included: llama-cpp-python really called the processor.
         if not isinstance(finish, Finish) or finish.reason != "stop" or processor.steps != finish.completion_tokens + 1:

@@ -131,3 +131,9 @@ class InternalError(TiergateError):
     status = 500
     error_type = "server_error"
     code = "internal_error"
+
+
+class ConstraintFailed(InternalError):
+    """The constrained-decoding machinery failed on one request: our fault, not the model's; no retry helps."""
+
+    code = "constraint_failed"

@@ -26,7 +26,7 @@ from backends.constrained import (
     constraint_from_request,
     integer_range_regex,
 )
-from backends.errors import BadRequest, UpstreamError
+from backends.errors import BadRequest, ConstraintFailed, UpstreamError
 from backends.llamacpp_decode import DecodeParams, Finish, Piece, decode
 from backends.protocol import ChatRequest, Message
 
@@ -424,9 +424,10 @@ def test_a_processor_serves_one_generation(llama: Any, compiler: ConstraintCompi
         processor,
     )
     assert (text, finish.completion_tokens) == ("", 0)  # refused at once rather than sampled unconstrained
-    with pytest.raises(UpstreamError, match="a processor serves exactly one generation") as caught:
+    with pytest.raises(ConstraintFailed, match="a processor serves exactly one generation") as caught:
         processor.check()
     assert caught.value.code == "constraint_failed"
+    assert not caught.value.retryable and not caught.value.backend_fault  # never trips a local model's breaker
 
 
 def test_self_test_passes(compiler: ConstraintCompiler) -> None:
