@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend, GenerationRequest, Payload
-from backends.errors import TiergateError, Unsupported
+from backends.errors import TiergateError
 from backends.protocol import ChatRequest, Message
 from router.attempts import Attempt, Attempts, Plan
 from router.learned import DifficultyLearner
@@ -161,11 +161,11 @@ class Cascade:
                 asked = asked.model_copy(update={"logprobs": True})
             try:
                 payload, backend = await self.attempts.generate(plan, asked)
-            except Unsupported:
-                if last is not None:
-                    break  # this tier cannot take the request: the previous answer is the best there is
-                raise
             except TiergateError as error:
+                if last is not None and _client_fault(error):
+                    # A request an earlier tier took, this one refuses (a capability, its context, a constraint
+                    # it cannot compile in time): the previous answer is the best there is.
+                    break
                 escalate = "error" in settings.escalate_on and not final and not _client_fault(error)
                 if escalate:
                     continue
