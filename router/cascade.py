@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -104,9 +104,8 @@ def _with_hint(request: GenerationRequest, reason: str) -> GenerationRequest:
 
 
 class Cascade:
-    def __init__(self, attempts: Attempts, backends: Mapping[str, Backend], outcomes: OutcomeLog) -> None:
+    def __init__(self, attempts: Attempts, outcomes: OutcomeLog) -> None:
         self.attempts = attempts
-        self.backends = backends
         self.outcomes = outcomes
 
     def needs_buffering(self, route: Route, request: GenerationRequest) -> bool:

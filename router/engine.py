@@ -76,7 +76,7 @@ class Router:
             rng,
         )
         self.outcomes = outcomes or OutcomeLog()
-        self.cascade = Cascade(self.attempts, backends, self.outcomes)
+        self.cascade = Cascade(self.attempts, self.outcomes)
         self.learners: dict[str, DifficultyLearner] = {}
         for name, route in table.routes.items():
             settings = route.settings.difficulty if route.settings else None
