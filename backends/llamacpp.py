@@ -17,7 +17,8 @@ from pydantic import Field
 
 from backends import llamacpp_translate as translate
 from backends.base import Capabilities, GenerationRequest, Payload
-from backends.constrained import ConstraintCompiler, constraint_from_request
+from backends.constraint import constraint_from_request
+from backends.constraint_compiler import ConstraintCompiler
 from backends.errors import BackendUnavailable, ContextLengthExceeded, InternalError, TiergateError
 from backends.gate import FifoGate
 from backends.llamacpp_decode import Finish, Piece, decode

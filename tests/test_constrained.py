@@ -14,21 +14,20 @@ from typing import Any
 import jsonschema
 import pytest
 
-from backends.constrained import (
+from backends.constraint import (
     MAX_ENUM_VALUES,
     MAX_REPEAT,
     MAX_SCHEMA_BYTES,
     MAX_SCHEMA_DEPTH,
-    ConstrainedProcessor,
     Constraint,
-    ConstraintCompiler,
     check_schema_safety,
     constraint_from_request,
-    integer_range_regex,
 )
+from backends.constraint_compiler import ConstrainedProcessor, ConstraintCompiler
 from backends.errors import BadRequest, ConstraintFailed, UpstreamError
 from backends.llamacpp_decode import DecodeParams, Finish, Piece, decode
 from backends.protocol import ChatRequest, Message
+from backends.schema_regex import integer_range_regex
 
 MAX_TOKENS = 160  # a cap for the guided runs: the longest of the 20 answers takes ~50 tokens
 BASELINE_TOKENS = 64  # unguided runs: room for any of those answers in fences, not for a whole essay
@@ -437,7 +436,7 @@ def test_self_test_passes(compiler: ConstraintCompiler) -> None:
 def test_missing_numba_fails_loudly() -> None:
     script = (
         "import sys; sys.modules['numba'] = None\n"  # what an install without numba looks like
-        "from backends.constrained import ConstraintCompiler\n"
+        "from backends.constraint_compiler import ConstraintCompiler\n"
         "from backends.errors import BackendUnavailable\n"
         "try:\n    ConstraintCompiler(None)\n"
         "except BackendUnavailable as error:\n    print(error.message)\n"

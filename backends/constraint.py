@@ -1,0 +1,257 @@
+"""What a request constrains its answer to (JSON schema, JSON object, regex, choice), read once and checked for safety.
+
+The one reader of the request's constraint fields: the llama.cpp backend enforces what this returns token by token,
+the router validates answers against it. Nothing here compiles anything; see backends/constraint_compiler.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from backends.errors import BadRequest, UpstreamError
+from backends.protocol import ChatRequest, CompletionRequest
+from backends.schema_regex import JSON_OBJECT_DEPTH, json_object_regex, schema_regex, walk_schema
+
+Kind = Literal["json_schema", "json_object", "regex", "choice"]
+
+MAX_SCHEMA_BYTES = 16_384
+MAX_SCHEMA_DEPTH = 10  # subschemas inside subschemas
+MAX_ENUM_VALUES = 256
+MAX_REPEAT = 1_000  # minLength, maxItems, {n,m} in patterns, ...: each count is a run of automaton states
+MAX_PATTERN_CHARS = 1_000
+MAX_CHOICES = 256
+
+_COUNT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_QUANTIFIER = re.compile(r"[*+?]|\{(\d+)(,(\d*))?\}")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the answer must look like, and the request field that asked for it (named in errors)."""
+
+    kind: Kind
+    spec: Any  # a JSON schema (dict), a regex (str) or the choices (tuple of str)
+    param: str
+    key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        canonical = json.dumps([self.kind, self.spec], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        object.__setattr__(self, "key", hashlib.sha256(canonical.encode()).hexdigest())
+
+    def regex(self) -> str:
+        """The regular expression Outlines compiles for this constraint."""
+        if self.kind == "json_object":
+            return json_object_regex(JSON_OBJECT_DEPTH)
+        if self.kind == "regex":
+            return _unanchored(self.spec)
+        if self.kind == "choice":
+            return "(" + "|".join(re.escape(choice) for choice in self.spec) + ")"
+        return schema_regex(self.spec, self.param)
+
+    def validate(self, text: str) -> None:
+        """Raise UpstreamError unless `text` satisfies the constraint (checked even when decoding was guided)."""
+        if self.kind == "regex":
+            if re.fullmatch(self.spec, text) is None:
+                raise _violated(self.param, f"{_clip(text)} does not match the pattern")
+            return
+        if self.kind == "choice":
+            if text not in self.spec:
+                raise _violated(self.param, f"{_clip(text)} is not one of the choices")
+            return
+        try:
+            value = json.loads(text)
+        except ValueError as error:
+            raise _violated(self.param, f"the output is not JSON ({error})") from error
+        if self.kind == "json_object":
+            if not isinstance(value, dict):
+                raise _violated(self.param, "the output is not a JSON object")
+            return
+        from jsonschema import validators
+        from jsonschema.exceptions import best_match
+
+        problem = best_match(validators.validator_for(self.spec)(self.spec).iter_errors(value))
+        if problem is not None:
+            place = "$" + "".join(f"[{part!r}]" for part in problem.absolute_path)
+            raise _violated(self.param, f"{place}: {problem.message}")
+
+
+def constraint_from_request(request: ChatRequest | CompletionRequest) -> Constraint | None:
+    """The one output constraint a request asks for, checked for safety; None when it asks for none."""
+    found: list[Constraint] = []
+    if isinstance(request, ChatRequest) and request.response_format is not None:
+        response_format = request.response_format
+        if response_format.type == "json_object":
+            found.append(Constraint("json_object", {"type": "object"}, "response_format"))
+        elif response_format.type == "json_schema" and response_format.json_schema is not None:
+            found.append(_schema_constraint(response_format.json_schema.schema_, "response_format"))
+    options = request.tiergate or {}
+    if "regex" in options:
+        found.append(_regex_constraint(options["regex"], "tiergate.regex"))
+    if "choices" in options:
+        found.append(_choice_constraint(options["choices"], "tiergate.choices"))
+    # vLLM's structured-output fields; read defensively so this works before and after protocol.py declares them.
+    if (guided_json := getattr(request, "guided_json", None)) is not None:
+        found.append(_schema_constraint(_parsed_schema(guided_json), "guided_json"))
+    if (guided_regex := getattr(request, "guided_regex", None)) is not None:
+        found.append(_regex_constraint(guided_regex, "guided_regex"))
+    if (guided_choice := getattr(request, "guided_choice", None)) is not None:
+        found.append(_choice_constraint(guided_choice, "guided_choice"))
+    if len(found) > 1:
+        raise BadRequest(
+            f"give one output constraint, not both '{found[0].param}' and '{found[1].param}'", param=found[1].param
+        )
+    return found[0] if found else None
+
+
+def check_schema_safety(schema: Any, param: str = "response_format") -> None:
+    """Refuse schemas whose automaton or validation could blow up, before anything is compiled."""
+    if not isinstance(schema, dict):
+        raise BadRequest("JSON schema must be an object", param=param)
+    size = len(json.dumps(schema, ensure_ascii=False).encode())
+    if size > MAX_SCHEMA_BYTES:
+        raise BadRequest(f"JSON schema is too large: {size} bytes (limit {MAX_SCHEMA_BYTES})", param=param)
+    enum_values = 0
+    for path, depth, subschema in walk_schema(schema):
+        if depth > MAX_SCHEMA_DEPTH:
+            raise BadRequest(f"JSON schema nests too deeply at {path} (limit {MAX_SCHEMA_DEPTH} levels)", param=param)
+        if isinstance(subschema.get("enum"), list):
+            enum_values += len(subschema["enum"])
+            if enum_values > MAX_ENUM_VALUES:
+                raise BadRequest(
+                    f"JSON schema enums at {path} bring the total to {enum_values} values (limit {MAX_ENUM_VALUES})",
+                    param=param,
+                )
+        for keyword in _COUNT_KEYWORDS:
+            count = subschema.get(keyword)
+            if isinstance(count, int | float) and count > MAX_REPEAT:
+                raise BadRequest(f"JSON schema {keyword} at {path} is {count} (limit {MAX_REPEAT})", param=param)
+        patterns = [(f"{path}.pattern", subschema.get("pattern"))]
+        patterns += [(f"{path}.patternProperties", key) for key in subschema.get("patternProperties") or {}]
+        for where, pattern in patterns:
+            if pattern is not None:
+                check_pattern_safety(pattern, where, param)
+
+
+def check_pattern_safety(pattern: Any, where: str, param: str) -> None:
+    """Refuse regexes that are too long, repeat too often, or repeat a repeating group (exponential matching)."""
+    if not isinstance(pattern, str) or not pattern:
+        raise BadRequest(f"the pattern at {where} must be a non-empty string", param=param)
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise BadRequest(
+            f"the pattern at {where} is {len(pattern)} characters (limit {MAX_PATTERN_CHARS})", param=param
+        )
+    if any(int(count) > MAX_REPEAT for count in re.findall(r"\{(\d+)", pattern)):
+        raise BadRequest(f"the pattern at {where} repeats something over {MAX_REPEAT} times", param=param)
+    if _repeats_a_repeat(pattern):
+        raise BadRequest(
+            f"the pattern at {where} repeats a group that itself repeats, like (a+)+; "
+            "such patterns can take exponential time to match",
+            param=param,
+        )
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise BadRequest(f"the pattern at {where} is not a valid regular expression: {error}", param=param) from error
+
+
+def _schema_constraint(schema: Any, param: str) -> Constraint:
+    check_schema_safety(schema, param)
+    from jsonschema import validators
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        validators.validator_for(schema).check_schema(schema)
+    except SchemaError as error:
+        raise BadRequest(f"invalid JSON schema: {error.message}", param=param) from error
+    return Constraint("json_schema", schema, param)
+
+
+def _parsed_schema(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError as error:
+            raise BadRequest(f"guided_json is not JSON: {error}", param="guided_json") from error
+    return value
+
+
+def _regex_constraint(pattern: Any, param: str) -> Constraint:
+    check_pattern_safety(pattern, param, param)
+    return Constraint("regex", pattern, param)
+
+
+def _choice_constraint(choices: Any, param: str) -> Constraint:
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+        raise BadRequest(f"{param} must be a non-empty list of non-empty strings", param=param)
+    if len(choices) > MAX_CHOICES or any(len(choice) > MAX_PATTERN_CHARS for choice in choices):
+        raise BadRequest(f"{param} allows {MAX_CHOICES} choices of {MAX_PATTERN_CHARS} characters", param=param)
+    return Constraint("choice", tuple(dict.fromkeys(choices)), param)
+
+
+def _repeats_a_repeat(pattern: str) -> bool:
+    """True for (a+)+, (a|b*)*, ((x?)y)+ ...: a repeated group holding a variable repeat. Conservative."""
+    groups: list[bool] = []  # per open group: does it hold a variable-length repeat?
+    position = 0
+    while position < len(pattern):
+        char = pattern[position]
+        if char in "(|":
+            if char == "(":
+                groups.append(False)
+            position += 1
+            continue
+        holds_repeat = False  # the atom that ends here: a group, an escape, a class or one character
+        if char == ")":
+            holds_repeat = groups.pop() if groups else False
+            position += 1
+        elif char == "[":
+            position = _class_end(pattern, position)
+        else:
+            position += 2 if char == "\\" else 1
+        quantifier = _QUANTIFIER.match(pattern, position)
+        if quantifier is not None:
+            text, low, comma, high = quantifier.group(), quantifier.group(1), quantifier.group(2), quantifier.group(3)
+            bounded_high = comma is None or high != ""
+            repeats = text in ("*", "+") or (
+                low is not None and (int(low) > 1 or not bounded_high or (comma is not None and int(high) > 1))
+            )
+            if holds_repeat and repeats:
+                return True
+            holds_repeat = holds_repeat or text in ("*", "+", "?") or (comma is not None and high != low)
+            position = quantifier.end()
+            position += 1 if position < len(pattern) and pattern[position] in "?+" else 0  # lazy / possessive
+        if holds_repeat and groups:
+            groups[-1] = True
+    return False
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """Index just past the character class opening at `start`."""
+    position = start + 1
+    if position < len(pattern) and pattern[position] == "^":
+        position += 1
+    if position < len(pattern) and pattern[position] == "]":
+        position += 1
+    while position < len(pattern) and pattern[position] != "]":
+        position += 2 if pattern[position] == "\\" else 1
+    return position + 1
+
+
+def _unanchored(pattern: str) -> str:
+    """Outlines' automata match whole outputs and refuse ^ and $ anchors, so drop the outer ones."""
+    if pattern.startswith("^"):
+        pattern = pattern[1:]
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1]
+    return pattern
+
+
+def _violated(param: str, reason: str) -> UpstreamError:
+    return UpstreamError(f"the model's output does not satisfy '{param}': {reason}", code="constraint_violated")
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
