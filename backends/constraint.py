@@ -6,11 +6,15 @@ the router validates answers against it. Nothing here compiles anything; see bac
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import regex
 
 from backends.errors import BadRequest, UpstreamError
 from backends.protocol import ChatRequest, CompletionRequest
@@ -24,8 +28,10 @@ MAX_ENUM_VALUES = 256
 MAX_REPEAT = 1_000  # minLength, maxItems, {n,m} in patterns, ...: each count is a run of automaton states
 MAX_PATTERN_CHARS = 1_000
 MAX_CHOICES = 256
+MATCH_TIMEOUT_S = 0.25  # per match of a client pattern against an output: linear patterns need microseconds
 
 _COUNT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_REFERENCE_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
 _QUANTIFIER = re.compile(r"[*+?]|\{(\d+)(,(\d*))?\}")
 
 
@@ -53,9 +59,13 @@ class Constraint:
         return schema_regex(self.spec, self.param)
 
     def validate(self, text: str) -> None:
-        """Raise UpstreamError unless `text` satisfies the constraint (checked even when decoding was guided)."""
+        """Raise UpstreamError unless `text` satisfies the constraint (checked even when decoding was guided).
+
+        Client patterns are matched by the `regex` package with a time bound (MATCH_TIMEOUT_S per match), and
+        schema references are resolved only inside the schema: nothing is ever fetched.
+        """
         if self.kind == "regex":
-            if re.fullmatch(self.spec, text) is None:
+            if _fullmatch(self.spec, text, self.param) is None:
                 raise _violated(self.param, f"{_clip(text)} does not match the pattern")
             return
         if self.kind == "choice":
@@ -72,8 +82,14 @@ class Constraint:
             return
         from jsonschema import validators
         from jsonschema.exceptions import best_match
+        from referencing import Registry
+        from referencing.exceptions import Unresolvable
 
-        problem = best_match(validators.validator_for(self.spec)(self.spec).iter_errors(value))
+        validator = _time_bounded(validators.validator_for(self.spec))(self.spec, registry=Registry())
+        try:
+            problem = best_match(validator.iter_errors(value))
+        except Unresolvable as error:
+            raise BadRequest(f"JSON schema reference cannot be resolved: {error}", param=self.param) from error
         if problem is not None:
             place = "$" + "".join(f"[{part!r}]" for part in problem.absolute_path)
             raise _violated(self.param, f"{place}: {problem.message}")
@@ -114,6 +130,7 @@ def check_schema_safety(schema: Any, param: str = "response_format") -> None:
     size = len(json.dumps(schema, ensure_ascii=False).encode())
     if size > MAX_SCHEMA_BYTES:
         raise BadRequest(f"JSON schema is too large: {size} bytes (limit {MAX_SCHEMA_BYTES})", param=param)
+    _refuse_remote_references(schema, param)
     enum_values = 0
     for path, depth, subschema in walk_schema(schema):
         if depth > MAX_SCHEMA_DEPTH:
@@ -153,8 +170,8 @@ def check_pattern_safety(pattern: Any, where: str, param: str) -> None:
             param=param,
         )
     try:
-        re.compile(pattern)
-    except re.error as error:
+        regex.compile(pattern)  # the engine Constraint.validate matches with
+    except regex.error as error:
         raise BadRequest(f"the pattern at {where} is not a valid regular expression: {error}", param=param) from error
 
 
@@ -190,6 +207,52 @@ def _choice_constraint(choices: Any, param: str) -> Constraint:
     if len(choices) > MAX_CHOICES or any(len(choice) > MAX_PATTERN_CHARS for choice in choices):
         raise BadRequest(f"{param} allows {MAX_CHOICES} choices of {MAX_PATTERN_CHARS} characters", param=param)
     return Constraint("choice", tuple(dict.fromkeys(choices)), param)
+
+
+def _refuse_remote_references(schema: dict[str, Any], param: str) -> None:
+    """Only references inside the schema: a URL would make a validator fetch it (SSRF) on the caller's thread."""
+    pending: list[tuple[str, Any]] = [("$", schema)]
+    while pending:  # iterative: a 16 kB schema can nest deeper than Python's recursion limit
+        path, node = pending.pop()
+        if isinstance(node, dict):
+            for keyword in _REFERENCE_KEYWORDS:
+                reference = node.get(keyword)
+                if isinstance(reference, str) and not reference.startswith("#"):
+                    raise BadRequest(
+                        f"JSON schema {keyword} {_clip(reference)} at {path} is not inside the schema; "
+                        "only references starting with '#' are allowed",
+                        param=param,
+                    )
+            pending += [(f"{path}.{key}", child) for key, child in node.items() if isinstance(child, dict | list)]
+        elif isinstance(node, list):
+            pending += [(f"{path}[{i}]", child) for i, child in enumerate(node) if isinstance(child, dict | list)]
+
+
+def _fullmatch(pattern: str, text: str, param: str) -> regex.Match[str] | None:
+    try:
+        return regex.fullmatch(pattern, text, timeout=MATCH_TIMEOUT_S)
+    except TimeoutError as error:
+        raise _violated(param, f"matching {_clip(text)} against the pattern took over {MATCH_TIMEOUT_S:g} s") from error
+
+
+@functools.cache
+def _time_bounded(validator_class: Any) -> Any:
+    """The schema's validator with `pattern` matched by the `regex` package under MATCH_TIMEOUT_S."""
+    from jsonschema import validators
+    from jsonschema.exceptions import ValidationError
+
+    def pattern(validator: Any, expected: str, instance: Any, schema: dict[str, Any]) -> Iterator[ValidationError]:
+        if not validator.is_type(instance, "string"):
+            return
+        try:
+            found = regex.search(expected, instance, timeout=MATCH_TIMEOUT_S)
+        except TimeoutError:
+            yield ValidationError(f"{_clip(instance)} could not be matched against {expected!r} in {MATCH_TIMEOUT_S:g} s")
+            return
+        if found is None:
+            yield ValidationError(f"{instance!r} does not match {expected!r}")
+
+    return validators.extend(validator_class, {"pattern": pattern})
 
 
 def _repeats_a_repeat(pattern: str) -> bool:
