@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -13,6 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Clock = Callable[[], float]
 BreakerState = Literal["closed", "open", "half_open"]
+
+TRANSITIONS_KEPT = 32
+"""Recent breaker transitions kept for inspection; `transition_counts` counts all of them."""
+
+BUDGET_SLOTS = 50
+"""Slots a retry budget's window is counted in: memory is this many counters at any request rate."""
 
 
 class BreakerSettings(BaseModel):
@@ -51,12 +58,14 @@ class CircuitBreaker:
         self.recent: deque[bool] = deque(maxlen=settings.window)  # True = failure
         self.opened_at = 0.0
         self.probing = False
-        self.transitions: list[BreakerState] = []
+        self.transitions: deque[BreakerState] = deque(maxlen=TRANSITIONS_KEPT)
+        self.transition_counts: Counter[BreakerState] = Counter()
 
     def _move(self, state: BreakerState) -> None:
         if state != self.state:
             self.state = state
             self.transitions.append(state)
+            self.transition_counts[state] += 1
 
     def allow(self) -> bool:
         """May a request go to this backend now? In half-open state only one probe at a time."""
@@ -96,6 +105,38 @@ class CircuitBreaker:
         self.probing = False
 
 
+class WindowCount:
+    """Events of the last `window_s` seconds, counted in `slots` fixed slots: constant memory at any rate.
+
+    The window reads between (slots - 1) / slots and 1 of `window_s` (9.8-10 s for 10 s in 50 slots): a slot
+    leaves whole. A deque of timestamps would be exact but hold rate x window entries.
+    """
+
+    def __init__(self, window_s: float, slots: int = BUDGET_SLOTS) -> None:
+        self.slots = slots
+        self.width = window_s / slots
+        self._counts: deque[list[int]] = deque()  # [slot index, events], oldest first, at most `slots` of them
+        self._total = 0
+
+    def add(self, now: float) -> None:
+        index = self._expire(now)
+        if self._counts and self._counts[-1][0] == index:
+            self._counts[-1][1] += 1
+        else:
+            self._counts.append([index, 1])
+        self._total += 1
+
+    def count(self, now: float) -> int:
+        self._expire(now)
+        return self._total
+
+    def _expire(self, now: float) -> int:
+        index = math.floor(now / self.width)
+        while self._counts and self._counts[0][0] <= index - self.slots:
+            self._total -= self._counts.popleft()[1]
+        return index
+
+
 @dataclass
 class RetryBudget:
     """Envoy-style budget: retries may add at most `ratio` of recent requests, plus a small floor."""
@@ -106,24 +147,18 @@ class RetryBudget:
     clock: Clock = time.monotonic
 
     def __post_init__(self) -> None:
-        self.requests: deque[float] = deque()
-        self.retries: deque[float] = deque()
-
-    def _trim(self, now: float) -> None:
-        for events in (self.requests, self.retries):
-            while events and now - events[0] > self.window_s:
-                events.popleft()
+        self.requests = WindowCount(self.window_s)
+        self.retries = WindowCount(self.window_s)
 
     def record_request(self) -> None:
-        self.requests.append(self.clock())
+        self.requests.add(self.clock())
 
     def try_spend(self) -> bool:
         now = self.clock()
-        self._trim(now)
-        allowed = max(self.ratio * len(self.requests), self.min_per_s * self.window_s)
-        if len(self.retries) + 1 > allowed:
+        allowed = max(self.ratio * self.requests.count(now), self.min_per_s * self.window_s)
+        if self.retries.count(now) + 1 > allowed:
             return False
-        self.retries.append(now)
+        self.retries.add(now)
         return True
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import tracemalloc
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_breaker_opens_after_consecutive_failures_and_probes_after_cooldown() ->
     assert not breaker.allow()  # only one probe at a time
     breaker.record(failed=False)
     assert breaker.state == "closed"
-    assert breaker.transitions == ["open", "half_open", "closed"]
+    assert list(breaker.transitions) == ["open", "half_open", "closed"]
 
 
 def test_failed_probe_reopens_for_another_cooldown() -> None:
@@ -52,7 +53,7 @@ def test_failed_probe_reopens_for_another_cooldown() -> None:
     breaker.record(failed=True)
     assert breaker.state == "open"
     assert not breaker.allow()
-    assert breaker.transitions == ["open", "half_open", "open"]
+    assert list(breaker.transitions) == ["open", "half_open", "open"]
 
 
 def test_a_success_resets_the_consecutive_count() -> None:
@@ -113,6 +114,56 @@ def test_retry_budget_floor_lets_a_quiet_gateway_retry() -> None:
     assert budget.try_spend()
     assert budget.try_spend()
     assert not budget.try_spend()
+
+
+def test_retry_budget_memory_stays_flat_however_many_requests_it_counts() -> None:
+    """300,000 requests over 30 windows (never a retry, so nothing else trims): memory must not grow."""
+    clock = Clock()
+    budget = RetryBudget(ratio=0.2, min_per_s=0.0, window_s=10, clock=clock)
+    for _ in range(10_000):  # warm up: the slots of one window exist
+        clock.now += 0.001
+        budget.record_request()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(300_000):
+            clock.now += 0.001
+            budget.record_request()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert after - before < 64 * 1024
+    # and it still counts the last window: 10 s at 1000 requests/s allows 2000 retries
+    spent = 0
+    while budget.try_spend():
+        spent += 1
+    assert spent == pytest.approx(2000, rel=0.03)
+
+
+def test_retry_budget_counts_requests_of_the_last_window_only() -> None:
+    clock = Clock()
+    budget = RetryBudget(ratio=1.0, min_per_s=0.0, window_s=10, clock=clock)
+    for _ in range(3):
+        budget.record_request()
+    clock.now += 9.5
+    budget.record_request()  # the first three are 9.5 s old: still in the window
+    assert sum(budget.try_spend() for _ in range(5)) == 4
+    clock.now += 1.0  # now 10.5 s old: out; the fourth and the retries are 1 s old
+    assert not budget.try_spend()  # 4 retries already against 1 request
+
+
+def test_breaker_keeps_a_bounded_history_and_counts_every_transition() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(BreakerSettings(consecutive_failures=1, cooldown_s=1), clock)
+    for _ in range(10_000):  # open -> half_open -> closed, forever
+        breaker.allow()
+        breaker.record(failed=True)
+        clock.now += 1
+        breaker.allow()
+        breaker.record(failed=False)
+    assert 3 <= len(breaker.transitions) <= 100
+    assert list(breaker.transitions)[-3:] == ["open", "half_open", "closed"]
+    assert breaker.transition_counts == {"open": 10_000, "half_open": 10_000, "closed": 10_000}
 
 
 def test_backoff_is_jittered_exponential_and_honours_retry_after() -> None:
