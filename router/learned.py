@@ -3,33 +3,96 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from router.difficulty import KnnPredictor, threshold_for_share
 
+log = logging.getLogger(__name__)
+
+Vector = np.ndarray[Any, Any]
+
+DEFAULT_WINDOW = 2048
+"""Outcomes kept per tier. Measured with bench/learner_timing.py (384-wide float32 vectors, k=25, 2 CPUs shared with
+a build, load average 3.4): at 2048 `predict` takes 0.13 ms median on the loop (0.11 ms at 1024, 0.9-8 ms at 8192;
+the p99, 11-21 ms, is that load's scheduling: 4 ms even at 256), and a refit off the loop 0.04 s, or 0.22 s with the
+leave-one-out pass `max_top_tier_share` needs (2.4 s at 8192). The window and its fit hold 6 MiB per tier. The
+RouteLLM GSM8K evaluation (bench/README-router-eval.md) trains on 1,045 outcomes per fold."""
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What one snapshot of a tier's window taught; `seen` says how new that snapshot was.
+
+    No predictor when the window holds one outcome only: with nothing to tell requests apart, nothing is skipped
+    (a window of failures skipping every request would never learn the tier again: skipped tiers record nothing).
+    """
+
+    seen: int
+    predictor: KnnPredictor | None
+    rows: int = 0
+    share_threshold: float | None = None
+
 
 @dataclass
 class TierModel:
-    """Labelled examples of one tier (1.0 = failed) and the predictor fitted on them."""
+    """The latest `window` labelled examples of one tier (1.0 = failed) and the newest fit on them.
 
-    k: int
-    vectors: list[np.ndarray[Any, Any]] = field(default_factory=list)
-    failed: list[float] = field(default_factory=list)
-    predictor: KnnPredictor | None = None
-    fitted_on: int = 0
-    recent_scores: deque[float] = field(default_factory=lambda: deque(maxlen=500))
-    share_threshold: float | None = None
+    A sliding window rather than a reservoir: the tier behind a name changes (a new model, a new prompt
+    template), and the skip decision is about the tier as it is now. The policy's seed examples are the
+    first rows of the window and leave it like any outcome, once the tier has `window` outcomes of its own.
+    """
 
-    def classes(self) -> int:
-        return len(set(self.failed))
+    window: int
+    vectors: deque[Vector] = field(init=False)
+    failed: deque[float] = field(init=False)
+    failures: int = 0  # failures among `failed`, kept so that `record` never sums the window
+    seen: int = 0  # examples ever added: the generation of the window
+    requested: int = 0  # `seen` of the newest snapshot handed to a fit
+    fitted: Fitted | None = None
+    refit: asyncio.Future[Fitted] | None = None
+    dirty: bool = False  # outcomes arrived that the refit in flight does not include
+    refits: int = 0  # refits finished off the loop, successful or not
+
+    def __post_init__(self) -> None:
+        self.vectors = deque(maxlen=self.window)
+        self.failed = deque(maxlen=self.window)
+
+    def add(self, vector: Vector, failed: bool) -> None:
+        if len(self.failed) == self.window:
+            self.failures -= int(self.failed[0])
+        self.vectors.append(np.array(vector, dtype=np.float32).reshape(-1))  # a copy: callers may reuse theirs
+        self.failed.append(float(failed))
+        self.failures += failed
+        self.seen += 1
+
+    def trainable(self, min_examples: int) -> bool:
+        return len(self.failed) >= min_examples
+
+    def snapshot(self) -> tuple[int, list[Vector], list[float]]:
+        """Copies of the window taken on the loop, so that a fit in a thread never reads what `add` mutates."""
+        self.requested = self.seen
+        return self.seen, list(self.vectors), list(self.failed)
+
+    def install(self, fitted: Fitted) -> None:
+        """Keep the newest fit: a result from an older snapshot never replaces a newer one."""
+        if self.fitted is None or fitted.seen > self.fitted.seen:
+            self.fitted = fitted
 
 
 class DifficultyLearner:
-    """kNN over prompt embeddings per tier; refits after every `refit_every` new outcomes (off the loop)."""
+    """kNN over prompt embeddings per tier, on a window of each tier's latest outcomes.
+
+    `predict` runs on the event loop against the newest fit, which holds at most `window` rows: bounded time.
+    Refits run off the loop after every `refit_every` new outcomes, one per tier at a time: outcomes that
+    arrive meanwhile mark the tier dirty and make one more refit when the one in flight ends. A refit that
+    raises is logged with its tier and the previous fit stays.
+    """
 
     def __init__(
         self,
@@ -39,69 +102,104 @@ class DifficultyLearner:
         max_top_tier_share: float | None,
         min_examples: int,
         refit_every: int,
+        window: int = DEFAULT_WINDOW,
     ) -> None:
+        if window < min_examples:
+            raise ValueError(f"window ({window}) must hold at least min_examples ({min_examples})")
         self.k = k
         self.threshold = threshold
         self.max_top_tier_share = max_top_tier_share
         self.min_examples = min_examples
         self.refit_every = refit_every
+        self.window = window
         self.tiers: dict[str, TierModel] = {}
-        self._refits: set[asyncio.Task[None]] = set()
 
     def _tier(self, name: str) -> TierModel:
-        return self.tiers.setdefault(name, TierModel(self.k))
+        return self.tiers.setdefault(name, TierModel(self.window))
 
-    def seed(self, tier: str, vectors: np.ndarray[Any, Any], failed: list[bool]) -> None:
-        """Examples from the policy: known easy and hard requests for a tier."""
+    def seed(self, tier: str, vectors: Vector, failed: list[bool]) -> None:
+        """Examples from the policy: known easy and hard requests for a tier, fitted at once (on the loop)."""
         model = self._tier(tier)
-        model.vectors.extend(vectors)
-        model.failed.extend(float(flag) for flag in failed)
-        self._fit(model)
+        for vector, flag in zip(vectors, failed, strict=True):
+            model.add(vector, flag)
+        if model.trainable(self.min_examples):
+            model.install(self._fit(*model.snapshot()))
 
-    def predict(self, tier: str, vector: np.ndarray[Any, Any]) -> float | None:
+    def predict(self, tier: str, vector: Vector) -> float | None:
         """P(this tier fails on the request); None while the tier has too little evidence."""
         model = self.tiers.get(tier)
-        if model is None or model.predictor is None:
+        if model is None or model.fitted is None or model.fitted.predictor is None:
             return None
-        score = float(model.predictor.predict(vector.reshape(1, -1))[0])
-        model.recent_scores.append(score)
-        return score
+        return float(model.fitted.predictor.predict(vector.reshape(1, -1))[0])
 
     def skip(self, tier: str, score: float | None) -> bool:
         if score is None:
             return False
         if self.max_top_tier_share is not None:
-            limit = self.tiers[tier].share_threshold
+            fitted = self.tiers[tier].fitted
+            limit = fitted.share_threshold if fitted is not None else None
             return limit is not None and score > limit
         return self.threshold is not None and score > self.threshold
 
-    def record(self, tier: str, vector: np.ndarray[Any, Any], failed: bool) -> None:
+    def record(self, tier: str, vector: Vector, failed: bool) -> None:
+        """Learn one outcome; call it on the event loop (a refit it starts reports back there)."""
         model = self._tier(tier)
-        model.vectors.append(vector)
-        model.failed.append(float(failed))
-        if len(model.failed) - model.fitted_on >= self.refit_every or model.predictor is None:
-            task = asyncio.ensure_future(asyncio.to_thread(self._fit, model))
-            self._refits.add(task)
-            task.add_done_callback(self._refits.discard)
-
-    def _fit(self, model: TierModel) -> None:
-        count = len(model.failed)
-        if count < self.min_examples or model.classes() < 2:
+        model.add(vector, failed)
+        if not model.trainable(self.min_examples):
             return
-        predictor = KnnPredictor(k=min(self.k, count))
-        predictor.fit(np.vstack(model.vectors[:count]), np.array(model.failed[:count]))
-        model.predictor, model.fitted_on = predictor, count
-        if self.max_top_tier_share is not None:
-            scores = predictor.leave_one_out()
-            model.share_threshold = threshold_for_share(scores, self.max_top_tier_share)
+        if model.fitted is not None and model.seen - model.requested < self.refit_every:
+            return
+        if model.refit is not None:
+            model.dirty = True
+            return
+        self._start_refit(tier, model)
 
-    def status(self) -> dict[str, dict[str, float | int | None]]:
+    def _start_refit(self, tier: str, model: TierModel) -> None:
+        model.dirty = False
+        refit = asyncio.get_running_loop().run_in_executor(None, self._fit, *model.snapshot())
+        model.refit = refit
+        refit.add_done_callback(partial(self._refit_done, tier, model))
+
+    def _refit_done(self, tier: str, model: TierModel, refit: asyncio.Future[Fitted]) -> None:
+        model.refit = None
+        model.refits += 1
+        if refit.cancelled():  # the loop is closing
+            return
+        error = refit.exception()
+        if error is not None:
+            log.error("difficulty refit of tier %r failed; keeping the previous fit", tier, exc_info=error)
+        else:
+            model.install(refit.result())
+        if model.dirty and model.trainable(self.min_examples):
+            self._start_refit(tier, model)
+
+    def _fit(self, seen: int, vectors: list[Vector], failed: list[float]) -> Fitted:
+        """Fit one snapshot: pure, so it can run in a thread."""
+        if len(set(failed)) < 2:
+            return Fitted(seen, None)
+        predictor = KnnPredictor(k=min(self.k, len(failed)))
+        predictor.fit(np.vstack(vectors), np.array(failed))
+        share_threshold = None
+        if self.max_top_tier_share is not None:
+            share_threshold = threshold_for_share(predictor.leave_one_out(), self.max_top_tier_share)
+        return Fitted(seen, predictor, len(failed), share_threshold)
+
+    async def drain(self) -> None:
+        """Wait until no refit is in flight (shutdown, tests), including the ones a finishing refit starts."""
+        while pending := [model.refit for model in self.tiers.values() if model.refit is not None]:
+            await asyncio.wait(pending)
+
+    def status(self) -> dict[str, dict[str, float | int | bool | None]]:
         return {
             name: {
                 "examples": len(model.failed),
-                "failure_rate": float(np.mean(model.failed)) if model.failed else None,
-                "fitted_on": model.fitted_on,
-                "share_threshold": model.share_threshold,
+                "seen": model.seen,
+                "window": model.window,
+                "failure_rate": model.failures / len(model.failed) if model.failed else None,
+                "fitted_on": model.fitted.rows if model.fitted else 0,  # 0 also while the window has one outcome
+                "share_threshold": model.fitted.share_threshold if model.fitted else None,
+                "refitting": model.refit is not None,
+                "refits": model.refits,
             }
             for name, model in self.tiers.items()
         }
