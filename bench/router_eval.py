@@ -23,20 +23,20 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.model_selection import KFold
 
-from router.difficulty import (
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: bench/ is not an installed package
+
+from bench.predictors import (  # noqa: E402
     PROMPT_COLUMNS,
     EscalationGain,
     FailurePredictor,
-    FloatArray,
-    KnnPredictor,
     LogisticPredictor,
     StackedPredictor,
     escalate,
     router_inputs,
-    threshold_for_share,
 )
+from router.difficulty import FloatArray, KnnPredictor, threshold_for_share  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "routellm" / "gsm8k"
 DEFAULT_CSV = DATA / "gsm8k_responses.csv"
 DEFAULT_EXCLUDE = DATA / "contaminated_prompts.jsonl"

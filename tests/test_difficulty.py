@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.router_eval import Curve, apgr, cpt, embed, load_embedder, load_outcomes, oracle_curve, routing_curve
-from router.difficulty import (
+from bench.predictors import (
     EMBEDDING_DIMS,
     PREDICTORS,
     PROMPT_COLUMNS,
     EscalationGain,
-    KnnPredictor,
     StackedPredictor,
     escalate,
     prompt_features,
     router_inputs,
-    threshold_for_share,
 )
+from bench.router_eval import Curve, apgr, cpt, embed, load_embedder, load_outcomes, oracle_curve, routing_curve
+from router.difficulty import KnnPredictor, threshold_for_share
 
 # Four unit vectors in 2-D: (1, 0) and (0.8, 0.6) failed, (0, 1) and (-1, 0) passed.
 PLANE = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
@@ -75,13 +76,11 @@ def test_knn_leave_one_out_skips_the_row_itself() -> None:
     assert predictor.predict(PLANE).tolist() == [1.0, 1.0, 0.0, 0.0]
 
 
-def test_knn_add_learns_online() -> None:
-    predictor = KnnPredictor(k=1)
-    predictor.fit(PLANE, PLANE_FAILED)
-    query = np.array([[0.6, -0.8]])  # nearest: (1, 0), failed
-    assert predictor.predict(query).tolist() == [1.0]
-    predictor.add(query, np.array([False]))
-    assert predictor.predict(query).tolist() == [0.0]
+def test_the_runtime_learner_imports_no_research_code() -> None:
+    """router/ keeps only what the gateway runs: the research predictors and scikit-learn stay in bench/."""
+    code = "import sys, router.learned; print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'bench'}))"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"
 
 
 def test_escalation_gain_is_weak_minus_strong_failure() -> None:
