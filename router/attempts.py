@@ -21,18 +21,9 @@ from backends.errors import (
     UpstreamTimeout,
 )
 from router.reliability import CircuitBreaker, RetryBudget, RetrySettings, backoff_delay
+from router.trace import Attempt, Skip, render
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Attempt:
-    backend: str
-    outcome: str  # "ok", an error code, or why the backend was skipped
-    seconds: float = 0.0
-
-    def label(self) -> str:
-        return f"{self.backend}:{self.outcome}"
 
 
 @dataclass
@@ -44,11 +35,11 @@ class Plan:
     deadline: float  # event-loop time
     attempt_timeout_s: float | None = None
     idle_timeout_s: float | None = None
-    attempts: list[Attempt] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)  # the request's trail: appended to, never replaced
     waited_s: float = 0.0  # time spent inside backends, for the overhead figure
 
     def header(self) -> str:
-        return ",".join(attempt.label() for attempt in self.attempts)
+        return render(self.attempts)
 
 
 class StreamBroken(UpstreamError):
@@ -100,19 +91,19 @@ class Attempts:
         context_floor = 0  # after a context-length error only larger contexts are worth a try
         for backend in plan.candidates:
             if backend.capabilities.max_context <= context_floor:
-                plan.attempts.append(Attempt(backend.name, "context_too_small"))
+                plan.attempts.append(Attempt(backend.name, skip=Skip.CONTEXT_TOO_SMALL))
                 continue
             try:
                 backend.check(request)
             except Unsupported as refusal:
-                plan.attempts.append(Attempt(backend.name, "unsupported"))
+                plan.attempts.append(Attempt(backend.name, skip=Skip.UNSUPPORTED))
                 errors.append(refusal)
                 continue
             breaker = self.breakers[backend.name]
             retries = 0
             while True:
                 if not breaker.allow():
-                    plan.attempts.append(Attempt(backend.name, "circuit_open"))
+                    plan.attempts.append(Attempt(backend.name, skip=Skip.CIRCUIT_OPEN))
                     errors.append(
                         BackendUnavailable(
                             f"backend '{backend.name}' is failing (circuit open)", retry_after=breaker.retry_in()
@@ -125,7 +116,8 @@ class Attempts:
                 except TiergateError as error:
                     spent = time.perf_counter() - began
                     plan.waited_s += spent
-                    plan.attempts.append(Attempt(backend.name, error.code or type(error).__name__, spent))
+                    code = error.code or type(error).__name__
+                    plan.attempts.append(Attempt(backend.name, error_code=code, seconds=spent))
                     if error.backend_fault:
                         breaker.record(failed=True)
                     else:
@@ -144,7 +136,7 @@ class Attempts:
                     if retries >= plan.retry.max_retries or loop.time() + delay >= plan.deadline:
                         break
                     if not self.budget.try_spend():
-                        plan.attempts.append(Attempt(backend.name, "retry_budget_spent"))
+                        plan.attempts.append(Attempt(backend.name, skip=Skip.RETRY_BUDGET_SPENT))
                         break
                     await asyncio.sleep(delay)
                     retries += 1
@@ -155,7 +147,7 @@ class Attempts:
                 spent = time.perf_counter() - began
                 plan.waited_s += spent
                 breaker.record(failed=False)
-                plan.attempts.append(Attempt(backend.name, "ok", spent))
+                plan.attempts.append(Attempt(backend.name, ok=True, seconds=spent))
                 return result, backend
         raise _exhausted(errors, plan)
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -13,11 +11,15 @@ import numpy as np
 from backends.base import Backend, GenerationRequest, Payload
 from backends.errors import TiergateError
 from backends.protocol import ChatRequest, Message
-from router.attempts import Attempt, Attempts, Plan
+from router.attempts import Attempts, Plan
+from router.context import RequestContext
+from router.costs import Costs, Throughput, baseline, usage_of
 from router.learned import DifficultyLearner
 from router.outcomes import Outcome, OutcomeLog
 from router.table import Route
-from router.validators import Context, Verdict, implied_by, prompt_text
+from router.tiers import Next, after_error, plan_for, refusal
+from router.trace import Attempt, Escalation, Skip
+from router.validators import PASS, Context, Validator, Verdict, implied_by, judge, prompt_text
 
 
 class OutputInvalid(TiergateError):
@@ -37,32 +39,14 @@ class Guide:
 
 
 @dataclass
-class Costs:
-    total_usd: float = 0.0
-    baseline_usd: float = 0.0  # answering with the cascade's top tier directly
-
-    @property
-    def saved_usd(self) -> float:
-        return self.baseline_usd - self.total_usd
-
-
-@dataclass
 class Outcomes:
-    """Everything one cascade run learned: the answer, the trail, the money."""
+    """Everything one cascade run produced: the answer (None if it stopped before the final tier) and the money."""
 
-    payload: Payload
-    backend: Backend
-    plans: list[Plan] = field(default_factory=list)
-    attempts: list[Attempt] = field(default_factory=list)
+    payload: Payload | None
+    backend: Backend | None
     costs: Costs = field(default_factory=Costs)
-    validation: Verdict = field(default_factory=lambda: Verdict(True))
-
-    @property
-    def waited_s(self) -> float:
-        return sum(plan.waited_s for plan in self.plans)
-
-    def header(self) -> str:
-        return ",".join(attempt.label() for attempt in self.attempts)
+    validation: Verdict = PASS
+    waited_s: float = 0.0  # time inside backends, for the overhead figure
 
 
 def answer_text(payload: Payload) -> str:
@@ -84,11 +68,6 @@ def confidence_of(payload: Payload, metric: str) -> float | None:
     return min(values) if metric == "min" else sum(values) / len(values)
 
 
-def _usage(payload: Payload) -> tuple[int, int]:
-    usage = payload.get("usage") or {}
-    return int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-
-
 def _same_answer(first: str, second: str) -> bool:
     try:
         return bool(json.loads(first) == json.loads(second))
@@ -103,18 +82,24 @@ def _with_hint(request: GenerationRequest, reason: str) -> GenerationRequest:
     return request.model_copy(update={"messages": [*request.messages, hint]})
 
 
+def needs_buffering(route: Route, request: GenerationRequest) -> bool:
+    settings = route.settings
+    checks = bool(route.validators or implied_by(request))
+    extra = settings is not None and ("low_confidence" in settings.escalate_on or settings.self_consistency is not None)
+    return checks or extra
+
+
+@dataclass
+class _Judged:
+    verdict: Verdict
+    escalation: Escalation | None  # None when the answer is accepted
+
+
 class Cascade:
-    def __init__(self, attempts: Attempts, outcomes: OutcomeLog) -> None:
+    def __init__(self, attempts: Attempts, outcomes: OutcomeLog, throughput: Throughput) -> None:
         self.attempts = attempts
         self.outcomes = outcomes
-
-    def needs_buffering(self, route: Route, request: GenerationRequest) -> bool:
-        settings = route.settings
-        checks = bool(route.validators or implied_by(request))
-        extra = settings is not None and (
-            "low_confidence" in settings.escalate_on or settings.self_consistency is not None
-        )
-        return checks or extra
+        self.throughput = throughput
 
     async def run(
         self,
@@ -122,165 +107,127 @@ class Cascade:
         tiers: list[Backend],
         fallbacks: list[Backend],
         request: GenerationRequest,
-        deadline: float,
+        context: RequestContext,
         stop_before_final: bool = False,
         guide: Guide | None = None,
-    ) -> Outcomes | None:
-        """The first acceptable answer, tier by tier; None if `stop_before_final` and every earlier tier failed."""
+    ) -> Outcomes:
+        """The first acceptable answer, tier by tier; payload None if `stop_before_final` and no earlier tier passed."""
         assert route.settings is not None
         settings = route.settings
         validators = [*implied_by(request), *route.validators]
-        context = Context(prompt_text(request))
-        trail: list[Attempt] = []
-        plans: list[Plan] = []
+        checks = Context(prompt_text(request))
+        trail = context.trace
         costs = Costs()
+        waited = 0.0
+        escalate_errors = "error" in settings.escalate_on
         tier_request = request
         last: Outcomes | None = None
         for index, tier in enumerate(tiers):
             final = index == len(tiers) - 1
             if final and stop_before_final:
-                return None
+                return Outcomes(None, None, costs, waited_s=waited)
             if guide is not None and not final:
                 score = guide.learner.predict(tier.name, guide.vector)
                 if score is not None and guide.learner.skip(tier.name, score):
-                    trail.append(Attempt(tier.name, f"predicted_hard={score:.2f}"))
+                    trail.append(Attempt(tier.name, skip=Skip.PREDICTED_HARD, score=score))
                     continue
-            plan = Plan(
-                [tier, *(fallbacks if final else [])],
-                route.retry,
-                deadline,
-                route.attempt_timeout_s,
-                route.idle_timeout_s,
-                attempts=trail,
-            )
-            plans.append(plan)
             scored = "low_confidence" in settings.escalate_on and not final and tier.capabilities.logprobs
             asked = tier_request
             if scored and isinstance(asked, ChatRequest) and not asked.logprobs:
                 asked = asked.model_copy(update={"logprobs": True})
+            plan = plan_for(route, tier, fallbacks, final=final, context=context)
             try:
+                refused = refusal(tier, asked, context)
+                if refused is not None:
+                    raise refused
                 payload, backend = await self.attempts.generate(plan, asked)
             except TiergateError as error:
-                if last is not None and _client_fault(error):
-                    # A request an earlier tier took, this one refuses (a capability, its context, a constraint
-                    # it cannot compile in time): the previous answer is the best there is.
+                waited += plan.waited_s
+                step = after_error(error, final=final, answered=last is not None, escalate_errors=escalate_errors)
+                if step is Next.STOP:
                     break
-                escalate = "error" in settings.escalate_on and not final and not _client_fault(error)
-                if escalate:
+                if step is Next.TIER:
                     continue
                 raise
             self._charge(costs, backend, payload, plan)
-            verdict = self._judge(validators, payload, context)
+            judged = await self._judge(validators, payload, checks)
             confidence = confidence_of(payload, settings.confidence.metric) if scored else None
             if asked is not tier_request and isinstance(request, ChatRequest) and not request.logprobs:
                 payload["choices"][0]["logprobs"] = None  # asked for our own use only
             if validators and confidence is not None:
-                self.outcomes.add(Outcome(backend.name, verdict.ok, confidence))
-            if not final and verdict.ok and confidence is not None:
-                verdict = self._confident(route, backend.name, confidence)
-            if not final and verdict.ok and settings.self_consistency is not None:
-                verdict = await self._consistent(route, plan, tier, asked, payload, costs)
+                self.outcomes.add(Outcome(backend.name, judged.escalation is None, confidence))
+            if not final and judged.escalation is None and confidence is not None:
+                judged = self._confident(route, backend.name, confidence)
+            if not final and judged.escalation is None and settings.self_consistency is not None:
+                judged = await self._consistent(route, plan, tier, asked, payload, costs)
+            waited += plan.waited_s
             if guide is not None and backend is tier:
-                guide.learner.record(tier.name, guide.vector, failed=not verdict.ok)
-            last = Outcomes(payload, backend, plans, trail, costs, verdict)
-            if verdict.ok:
+                guide.learner.record(tier.name, guide.vector, failed=judged.escalation is not None)
+            last = Outcomes(payload, backend, costs, judged.verdict, waited)
+            if judged.escalation is None:
                 break
-            reason = _reason(verdict)
-            trail[-1] = replace(trail[-1], outcome=reason)
-            if final or (reason != "self_consistency" and reason not in settings.escalate_on):
+            trail[-1] = replace(trail[-1], escalation=judged.escalation)
+            escalates = judged.escalation is Escalation.SELF_CONSISTENCY or judged.escalation.value in settings.escalate_on
+            if final or not escalates:
                 break
             if settings.repair_hint:
-                tier_request = _with_hint(request, verdict.reason)
-        if last is None:  # every tier errored and escalation ran out: the attempts executor raised already
+                tier_request = _with_hint(request, judged.verdict.reason)
+        if last is None or last.payload is None:  # every tier errored: after_error raised already
             raise TiergateError("no tier answered")
-        top = tiers[-1]
-        prompt_tokens, completion_tokens = _usage(last.payload)
-        costs.baseline_usd = top.price.cost(prompt_tokens, completion_tokens)
+        last.waited_s = waited
+        costs.baseline_usd = self._baseline(tiers, last.payload, costs)
         if not last.validation.ok and settings.on_final_failure == "error":
-            raise OutputInvalid(f"the answer failed validation: {last.validation.reason} (attempts: {last.header()})")
+            raise OutputInvalid(
+                f"the answer failed validation: {last.validation.reason} (attempts: {context.attempts()})"
+            )
         return last
 
-    def _judge(self, validators: list[Any], payload: Payload, context: Context) -> Verdict:
-        text = answer_text(payload)
-        for validator in validators:
-            verdict: Verdict = validator(text, context)
-            if not verdict.ok:
-                return verdict
-        return Verdict(True)
+    def _baseline(self, tiers: list[Backend], payload: Payload, costs: Costs) -> float:
+        """The top tier's price for this answer; a model with one tier saves nothing by definition."""
+        if len(tiers) == 1:
+            return costs.total_usd
+        prompt_tokens, completion_tokens = usage_of(payload)
+        top = baseline(tiers[-1], prompt_tokens, completion_tokens, self.throughput)
+        return costs.total_usd if top is None else top
 
-    def _confident(self, route: Route, tier: str, confidence: float) -> Verdict:
+    async def _judge(self, validators: list[Validator], payload: Payload, checks: Context) -> _Judged:
+        verdict = await judge(validators, answer_text(payload), checks)
+        return _Judged(verdict, None if verdict.ok else Escalation.INVALID_OUTPUT)
+
+    def _confident(self, route: Route, tier: str, confidence: float) -> _Judged:
         assert route.settings is not None
         settings = route.settings.confidence
         threshold = settings.threshold
         if threshold is None:
             threshold = self.outcomes.calibrated_threshold(tier, settings.min_samples, settings.target_failure_rate)
         if threshold is not None and confidence < threshold:
-            return Verdict(False, f"low_confidence: {settings.metric} logprob {confidence:.2f} < {threshold:.2f}")
-        return Verdict(True)
+            reason = f"low_confidence: {settings.metric} logprob {confidence:.2f} < {threshold:.2f}"
+            return _Judged(Verdict(False, reason), Escalation.LOW_CONFIDENCE)
+        return _Judged(PASS, None)
 
     async def _consistent(
         self, route: Route, plan: Plan, tier: Backend, request: GenerationRequest, first: Payload, costs: Costs
-    ) -> Verdict:
+    ) -> _Judged:
         assert route.settings is not None and route.settings.self_consistency is not None
         again = request.model_copy(update={"temperature": route.settings.self_consistency.temperature, "seed": None})
         second_plan = replace(plan, candidates=[tier], attempts=plan.attempts, waited_s=0.0)
         try:
             payload, backend = await self.attempts.generate(second_plan, again)
         except TiergateError as error:
-            return Verdict(False, f"self_consistency: the second sample failed ({error.code})")
-        plan.waited_s += second_plan.waited_s
+            reason = f"self_consistency: the second sample failed ({error.code})"
+            return _Judged(Verdict(False, reason), Escalation.SELF_CONSISTENCY)
+        finally:
+            plan.waited_s += second_plan.waited_s
         self._charge(costs, backend, payload, second_plan)
         if _same_answer(answer_text(first), answer_text(payload)):
-            return Verdict(True)
-        return Verdict(False, "self_consistency: two samples disagree")
+            return _Judged(PASS, None)
+        return _Judged(Verdict(False, "self_consistency: two samples disagree"), Escalation.SELF_CONSISTENCY)
 
-    @staticmethod
-    def _charge(costs: Costs, backend: Backend, payload: Payload, plan: Plan) -> None:
-        prompt_tokens, completion_tokens = _usage(payload)
+    def _charge(self, costs: Costs, backend: Backend, payload: Payload, plan: Plan) -> None:
+        prompt_tokens, completion_tokens = usage_of(payload)
         busy = plan.attempts[-1].seconds if plan.attempts else 0.0
-        costs.total_usd += backend.price.cost(prompt_tokens, completion_tokens, busy)
-
-
-def _reason(verdict: Verdict) -> str:
-    """Which escalation rule a failed verdict falls under."""
-    name = verdict.reason.split(":", 1)[0]
-    return name if name in ("low_confidence", "self_consistency") else "invalid_output"
-
-
-def _client_fault(error: TiergateError) -> bool:
-    return 400 <= error.status < 500 and error.status not in (408, 429) and not error.backend_fault
-
-
-async def replay(payload: Payload, include_usage: bool) -> AsyncIterator[Payload]:
-    """A buffered answer as the chunks a stream would have carried."""
-    base: dict[str, Any] = {
-        key: payload[key] for key in ("id", "created", "model", "system_fingerprint") if key in payload
-    }
-    choice = payload["choices"][0]
-    chat = "message" in choice
-    extra = {"usage": None} if include_usage else {}
-    if chat:
-        base["object"] = "chat.completion.chunk"
-        pieces = [
-            {"role": "assistant", "content": ""},
-            {"content": choice["message"].get("content") or ""},
-        ]
-        for delta in pieces:
-            yield {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}], **extra}
-        yield {
-            **base,
-            "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"]}],
-            **extra,
-        }
-    else:
-        base["object"] = "text_completion"
-        yield {
-            **base,
-            "choices": [
-                {"index": 0, "text": choice.get("text", ""), "logprobs": None, "finish_reason": choice["finish_reason"]}
-            ],
-            **extra,
-        }
-    if include_usage:
-        yield {**base, "choices": [], "usage": payload.get("usage")}
-    await asyncio.sleep(0)
+        cost = backend.price.cost(prompt_tokens, completion_tokens, busy)
+        costs.total_usd += cost
+        self.throughput.record(backend.name, completion_tokens, busy)
+        if plan.attempts:
+            plan.attempts[-1] = replace(plan.attempts[-1], cost_usd=cost)

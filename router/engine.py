@@ -1,33 +1,36 @@
-"""Run a request through the routing table: pick the backend, check it can honour the request, call it."""
+"""Run a request through the runtime: pick the model's tiers, run the cascade or the stream, embed."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import random
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, Embedder, GenerationRequest, Payload
-from backends.errors import BackendUnavailable, BadRequest, Unsupported
-from backends.protocol import EmbeddingRequest
-from router.attempts import Attempts, Plan
-from router.cascade import Cascade, Costs, Guide, replay
-from router.learned import DifficultyLearner
-from router.outcomes import OutcomeLog
-from router.reliability import CircuitBreaker, RetryBudget
-from router.table import Route, RoutingTable
+from backends.base import Backend, GenerationRequest, Payload
+from backends.errors import BackendUnavailable, BadRequest, DeadlineExceeded, TiergateError, Unsupported
+from backends.protocol import EmbeddingRequest, StreamOptions
+from router.cascade import Cascade, Guide, needs_buffering
+from router.context import RequestContext
+from router.costs import Costs, baseline, usage_of
+from router.replay import replay
+from router.runtime import Runtime
+from router.table import Route
+from router.tiers import Next, after_error, plan_for, refusal
 from router.validators import PASS, Verdict, prompt_text
+
+log = logging.getLogger("tiergate")
 
 
 @dataclass(frozen=True)
 class Answer:
     payload: Payload
     backend: str
-    attempts: str  # e.g. "smol:invalid_output,gemma:ok"
     waited_s: float  # time spent inside backends
     costs: Costs | None = None
     validation: Verdict = PASS
@@ -39,12 +42,13 @@ class Stream:
     first: Payload
     chunks: AsyncIterator[Payload]
     backend: str
-    attempts: str
-    waited_s: float
+    waited_s: float  # inside backends before the first chunk
     deadline: float
-    costs: Costs | None = None
+    # Before the first chunk: what earlier attempts cost. A streamed tier's own cost is added when its stream ends.
+    costs: Costs = field(default_factory=Costs)
     validation: Verdict = PASS
     intent: str = ""
+    replayed: bool = False  # a buffered, validated answer (its cost was complete before the first chunk)
 
 
 @dataclass(frozen=True)
@@ -52,179 +56,260 @@ class Tiers:
     route: Route
     tiers: list[Backend]
     fallbacks: list[Backend]
-    deadline: float
     intent: str = ""  # "name=similarity" when an intent route chose the model
     guide: Guide | None = None
 
 
-class Router:
-    def __init__(
-        self,
-        table: RoutingTable,
-        backends: Mapping[str, Backend],
-        embedders: Mapping[str, Embedder],
-        rng: random.Random | None = None,
-        outcomes: OutcomeLog | None = None,
-    ) -> None:
-        self.table = table
-        self.backends = backends
-        self.embedders = embedders
-        retries = table.reliability.retries
-        self.attempts = Attempts(
-            {name: CircuitBreaker(table.reliability.breaker) for name in backends},
-            RetryBudget(retries.budget_ratio, retries.budget_min_per_s),
-            rng,
-        )
-        self.outcomes = outcomes or OutcomeLog()
-        self.cascade = Cascade(self.attempts, self.outcomes)
-        self.learners: dict[str, DifficultyLearner] = {}
-        for name, route in table.routes.items():
-            settings = route.settings.difficulty if route.settings else None
-            if settings is not None:
-                self.learners[name] = DifficultyLearner(
-                    k=settings.k,
-                    threshold=settings.threshold,
-                    max_top_tier_share=settings.max_top_tier_share,
-                    min_examples=settings.min_examples,
-                    refit_every=settings.refit_every,
-                )
-        self._intents: dict[str, tuple[np.ndarray[Any, Any], list[int]]] = {}
-        self._seeded: set[str] = set()
+def cascade_of(runtime: Runtime) -> Cascade:
+    return Cascade(runtime.attempts, runtime.outcomes, runtime.throughput)
 
-    async def _vectors(self, embedder: str, texts: list[str]) -> np.ndarray[Any, Any]:
-        vectors, _ = await self.embedders[embedder].embed(texts)
-        return np.asarray(vectors, dtype=np.float32)
 
-    async def _pick_intent(self, route: Route, request: GenerationRequest) -> tuple[Route, str]:
-        """The nearest intent's model if similar enough, else the default model."""
-        settings = route.settings
-        assert settings is not None and settings.intents is not None and settings.embedder is not None
-        if route.name not in self._intents:
+async def _vectors(runtime: Runtime, embedder: str, texts: list[str]) -> np.ndarray[Any, Any] | None:
+    """Embeddings for routing decisions; None when the embedder cannot give them (routing then degrades)."""
+    part = runtime.embedders.get(embedder)
+    if part is None or not part.ready():
+        return None
+    try:
+        vectors, _ = await part.embed(texts)
+    except TiergateError as error:
+        log.warning("routing without embeddings: embedder '%s' failed: %s", embedder, error.code or error.message)
+        return None
+    return np.asarray(vectors, dtype=np.float32)
+
+
+async def _pick_intent(runtime: Runtime, route: Route, request: GenerationRequest) -> tuple[Route, str]:
+    """The nearest intent's model if similar enough, else the default model (also when embeddings fail)."""
+    settings = route.settings
+    assert settings is not None and settings.intents is not None and settings.embedder is not None
+    table = runtime.table
+    derived = runtime.derived
+    async with derived.lock(route.name):
+        if route.name not in derived.intent_vectors:
             texts = [example for intent in settings.intents for example in intent.examples]
             owners = [index for index, intent in enumerate(settings.intents) for _ in intent.examples]
-            self._intents[route.name] = (await self._vectors(settings.embedder, texts), owners)
-        examples, owners = self._intents[route.name]
-        query = (await self._vectors(settings.embedder, [prompt_text(request)]))[0]
-        similarity = examples @ query
-        best = int(np.argmax(similarity))
-        intent = settings.intents[owners[best]]
-        score = float(similarity[best])
-        if score >= settings.min_similarity:
-            return self.table.route(intent.model), f"{intent.name}={score:.2f}"
-        return self.table.route(settings.default or ""), f"default={score:.2f}"
+            examples = await _vectors(runtime, settings.embedder, texts)
+            if examples is None:
+                return table.route(settings.default or ""), "default=no_embedding"
+            derived.intent_vectors[route.name] = (examples, owners)
+    examples, owners = derived.intent_vectors[route.name]
+    query = await _vectors(runtime, settings.embedder, [prompt_text(request)])
+    if query is None:
+        return table.route(settings.default or ""), "default=no_embedding"
+    similarity = examples @ query[0]
+    best = int(np.argmax(similarity))
+    intent = settings.intents[owners[best]]
+    score = float(similarity[best])
+    if score >= settings.min_similarity:
+        return table.route(intent.model), f"{intent.name}={score:.2f}"
+    return table.route(settings.default or ""), f"default={score:.2f}"
 
-    async def _guide(self, route: Route, request: GenerationRequest) -> Guide | None:
-        settings = route.settings
-        if settings is None or settings.difficulty is None or "predicted_hard" not in settings.escalate_on:
-            return None
-        learner = self.learners[route.name]
-        embedder = settings.difficulty.embedder
-        if route.name not in self._seeded:
-            self._seeded.add(route.name)
-            for tier, examples in settings.difficulty.examples.items():
-                texts = [*examples.easy, *examples.hard]
-                if texts:
-                    flags = [False] * len(examples.easy) + [True] * len(examples.hard)
-                    learner.seed(tier, await self._vectors(embedder, texts), flags)
-        return Guide(learner, (await self._vectors(embedder, [prompt_text(request)]))[0])
 
-    async def resolve(self, request: GenerationRequest) -> Tiers:
-        route = self.table.route(request.model)
-        intent = ""
-        if route.kind == "intent":
-            route, intent = await self._pick_intent(route, request)
-        if route.kind == "embedding":
-            raise BadRequest(f"'{request.model}' is an embedding model; call /v1/embeddings with it", param="model")
-        missing = [f"{name}: {self.table.disabled[name]}" for name in route.candidates() if name in self.table.disabled]
-        tiers = [self.backends[name] for name in route.targets if name not in self.table.disabled]
-        fallbacks = [self.backends[name] for name in route.fallbacks if name not in self.table.disabled]
-        if not tiers and not fallbacks:
-            raise BackendUnavailable(f"no backend can serve '{request.model}' ({'; '.join(missing)})")
-        if not tiers:  # every tier is disabled: the fallbacks are all that is left
-            tiers, fallbacks = fallbacks[:1], fallbacks[1:]
-        deadline = asyncio.get_running_loop().time() + route.timeout_s
-        return Tiers(route, tiers, fallbacks, deadline, intent, await self._guide(route, request))
+async def _seed(runtime: Runtime, route: Route) -> None:
+    """Embed the policy's easy/hard examples once; until that succeeds, predictions run without them."""
+    assert route.settings is not None and route.settings.difficulty is not None
+    derived = runtime.derived
+    if route.name in derived.seeded:
+        return
+    difficulty = route.settings.difficulty
+    async with derived.lock(route.name):
+        if route.name in derived.seeded:
+            return
+        learner = runtime.learners[route.name]
+        batches = []
+        for tier, examples in difficulty.examples.items():
+            texts = [*examples.easy, *examples.hard]
+            if texts:
+                vectors = await _vectors(runtime, difficulty.embedder, texts)
+                if vectors is None:
+                    return  # try again on a later request
+                batches.append((tier, vectors, [False] * len(examples.easy) + [True] * len(examples.hard)))
+        for tier, vectors, flags in batches:
+            learner.seed(tier, vectors, flags)
+        derived.seeded.add(route.name)
 
-    async def generate(self, request: GenerationRequest) -> Answer:
-        found = await self.resolve(request)
-        outcome = await self.cascade.run(
-            found.route, found.tiers, found.fallbacks, request, found.deadline, guide=found.guide
+
+async def _guide(runtime: Runtime, route: Route, request: GenerationRequest) -> Guide | None:
+    settings = route.settings
+    if settings is None or settings.difficulty is None or "predicted_hard" not in settings.escalate_on:
+        return None
+    await _seed(runtime, route)
+    vector = await _vectors(runtime, settings.difficulty.embedder, [prompt_text(request)])
+    return None if vector is None else Guide(runtime.learners[route.name], vector[0])
+
+
+async def resolve(runtime: Runtime, request: GenerationRequest, context: RequestContext) -> Tiers:
+    table = runtime.table
+    route = table.route(request.model)
+    intent = ""
+    if route.kind == "intent":
+        route, intent = await _pick_intent(runtime, route, request)
+    if route.kind == "embedding":
+        raise BadRequest(f"'{request.model}' is an embedding model; call /v1/embeddings with it", param="model")
+    missing = [f"{name}: {table.disabled[name]}" for name in route.candidates() if name in table.disabled]
+    tiers = [runtime.backends[name] for name in route.targets if name not in table.disabled]
+    fallbacks = [runtime.backends[name] for name in route.fallbacks if name not in table.disabled]
+    if not tiers and not fallbacks:
+        raise BackendUnavailable(f"no backend can serve '{request.model}' ({'; '.join(missing)})")
+    if not tiers:  # every tier is disabled: the fallbacks are all that is left
+        tiers, fallbacks = fallbacks[:1], fallbacks[1:]
+    context.tighten(asyncio.get_running_loop().time() + route.timeout_s)
+    return Tiers(route, tiers, fallbacks, intent, await _guide(runtime, route, request))
+
+
+async def generate(runtime: Runtime, request: GenerationRequest, context: RequestContext) -> Answer:
+    found = await resolve(runtime, request, context)
+    outcome = await cascade_of(runtime).run(
+        found.route, found.tiers, found.fallbacks, request, context, guide=found.guide
+    )
+    assert outcome.payload is not None and outcome.backend is not None
+    return Answer(
+        outcome.payload, outcome.backend.name, outcome.waited_s, outcome.costs, outcome.validation, found.intent
+    )
+
+
+async def stream(runtime: Runtime, request: GenerationRequest, context: RequestContext) -> Stream:
+    found = await resolve(runtime, request, context)
+    route = found.route
+    assert route.settings is not None and context.deadline is not None
+    tiers = found.tiers
+    costs = Costs()
+    waited = 0.0
+    if needs_buffering(route, request):
+        whole = request.model_copy(update={"stream": False, "stream_options": None})
+        passthrough = route.settings.stream_mode == "passthrough" and len(found.tiers) > 1
+        outcome = await cascade_of(runtime).run(
+            route, found.tiers, found.fallbacks, whole, context, stop_before_final=passthrough, guide=found.guide
         )
-        assert outcome is not None
-        return Answer(
-            outcome.payload,
-            outcome.backend.name,
-            outcome.header(),
-            outcome.waited_s,
-            outcome.costs,
-            outcome.validation,
-            found.intent,
+        if outcome.payload is not None and outcome.backend is not None:
+            chunks = replay(outcome.payload, request.include_usage())
+            first = await anext(chunks)
+            return Stream(
+                first,
+                chunks,
+                outcome.backend.name,
+                outcome.waited_s,
+                context.deadline,
+                outcome.costs,
+                outcome.validation,
+                found.intent,
+                replayed=True,
+            )
+        tiers, costs, waited = [found.tiers[-1]], outcome.costs, outcome.waited_s
+    escalate_errors = "error" in route.settings.escalate_on
+    metered_request = request.model_copy(update={"stream_options": StreamOptions(include_usage=True)})
+    for index, tier in enumerate(tiers):
+        final = index == len(tiers) - 1
+        plan = plan_for(route, tier, found.fallbacks, final=final, context=context)
+        began = time.perf_counter()
+        try:
+            refused = refusal(tier, metered_request, context)
+            if refused is not None:
+                raise refused
+            first, rest, backend = await runtime.attempts.stream(plan, metered_request)
+        except TiergateError as error:
+            waited += plan.waited_s
+            if after_error(error, final=final, answered=False, escalate_errors=escalate_errors) is Next.TIER:
+                continue
+            raise
+        waited += plan.waited_s
+        metered = _metered(runtime, first, rest, backend, found, costs, context, began, request.include_usage())
+        first_out = await anext(metered)
+        return Stream(first_out, metered, backend.name, waited, context.deadline, costs, intent=found.intent)
+    raise BackendUnavailable(f"no tier of '{request.model}' could take the request ({context.attempts()})")
+
+
+async def _metered(
+    runtime: Runtime,
+    first: Payload,
+    rest: AsyncIterator[Payload],
+    backend: Backend,
+    found: Tiers,
+    costs: Costs,
+    context: RequestContext,
+    began: float,
+    client_wants_usage: bool,
+) -> AsyncIterator[Payload]:
+    """Relay a stream, always metered (usage was asked of the backend); usage reaches the client only if asked.
+
+    When it ends, the streamed tier's cost joins `costs` and its attempt record; a stream the client abandoned
+    carries no usage and is not charged here.
+    """
+    usage: Payload | None = None
+
+    def shown(chunk: Payload) -> Payload | None:
+        nonlocal usage
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        if client_wants_usage:
+            return chunk
+        if not chunk.get("choices"):
+            return None  # the usage-only chunk the client did not ask for
+        return {key: value for key, value in chunk.items() if key != "usage"}
+
+    try:
+        if (out := shown(first)) is not None:
+            yield out
+        async for chunk in rest:
+            if (out := shown(chunk)) is not None:
+                yield out
+    finally:
+        aclose = getattr(rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if usage is not None:
+            _charge_stream(runtime, backend, found, costs, context, usage, time.perf_counter() - began)
+
+
+def _charge_stream(
+    runtime: Runtime,
+    backend: Backend,
+    found: Tiers,
+    costs: Costs,
+    context: RequestContext,
+    usage: Payload,
+    busy: float,
+) -> None:
+    prompt_tokens, completion_tokens = usage_of({"usage": usage})
+    cost = backend.price.cost(prompt_tokens, completion_tokens, busy)
+    costs.total_usd += cost
+    runtime.throughput.record(backend.name, completion_tokens, busy)
+    tiers = found.tiers
+    top = baseline(tiers[-1], prompt_tokens, completion_tokens, runtime.throughput) if len(tiers) > 1 else None
+    costs.baseline_usd = costs.total_usd if top is None else top
+    for position in range(len(context.trace) - 1, -1, -1):
+        attempt = context.trace[position]
+        if attempt.backend == backend.name and attempt.ok:
+            context.trace[position] = replace(attempt, cost_usd=cost)
+            break
+
+
+async def embed(runtime: Runtime, request: EmbeddingRequest, context: RequestContext) -> Payload:
+    route = runtime.table.route(request.model)
+    if route.kind != "embedding":
+        raise BadRequest(f"'{request.model}' is not an embedding model", param="model")
+    embedder = runtime.embedders[route.targets[0]]
+    texts = _texts(request)
+    if request.dimensions is not None and embedder.ready() and request.dimensions != embedder.dimensions:
+        raise Unsupported(
+            f"'{request.model}' returns {embedder.dimensions} dimensions; it cannot shorten them",
+            param="dimensions",
         )
-
-    async def stream(self, request: GenerationRequest) -> Stream:
-        found = await self.resolve(request)
-        route = found.route
-        assert route.settings is not None
-        if self.cascade.needs_buffering(route, request):
-            whole = request.model_copy(update={"stream": False, "stream_options": None})
-            passthrough = route.settings.stream_mode == "passthrough" and len(found.tiers) > 1
-            outcome = await self.cascade.run(
-                route,
-                found.tiers,
-                found.fallbacks,
-                whole,
-                found.deadline,
-                stop_before_final=passthrough,
-                guide=found.guide,
-            )
-            if outcome is not None:
-                chunks = replay(outcome.payload, request.include_usage())
-                first = await anext(chunks)
-                return Stream(
-                    first,
-                    chunks,
-                    outcome.backend.name,
-                    outcome.header(),
-                    outcome.waited_s,
-                    found.deadline,
-                    outcome.costs,
-                    outcome.validation,
-                    found.intent,
-                )
-            candidates = [found.tiers[-1], *found.fallbacks]
-        elif "error" in route.settings.escalate_on:
-            candidates = [*found.tiers, *found.fallbacks]
-        else:
-            candidates = [found.tiers[0], *found.fallbacks]
-        plan = Plan(candidates, route.retry, found.deadline, route.attempt_timeout_s, route.idle_timeout_s)
-        first, rest, backend = await self.attempts.stream(plan, request)
-        return Stream(first, rest, backend.name, plan.header(), plan.waited_s, found.deadline, intent=found.intent)
-
-    def breaker_states(self) -> dict[str, str]:
-        return {name: breaker.state for name, breaker in self.attempts.breakers.items()}
-
-    async def embed(self, request: EmbeddingRequest) -> Payload:
-        route = self.table.route(request.model)
-        if route.kind != "embedding":
-            raise BadRequest(f"'{request.model}' is not an embedding model", param="model")
-        embedder = self.embedders[route.targets[0]]
-        texts = _texts(request)
-        if request.dimensions is not None and embedder.ready() and request.dimensions != embedder.dimensions:
-            raise Unsupported(
-                f"'{request.model}' returns {embedder.dimensions} dimensions; it cannot shorten them",
-                param="dimensions",
-            )
-        vectors, tokens = await embedder.embed(texts)
-        data: list[dict[str, Any]] = [
-            {"object": "embedding", "index": index, "embedding": _encode(vector, request.encoding_format)}
-            for index, vector in enumerate(vectors)
-        ]
-        return {
-            "object": "list",
-            "data": data,
-            "model": request.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
+    deadline = context.tighten(asyncio.get_running_loop().time() + route.timeout_s)
+    try:
+        async with asyncio.timeout_at(deadline):
+            vectors, tokens = await embedder.embed(texts)
+    except TimeoutError as late:
+        raise DeadlineExceeded("the request deadline passed before the embeddings were ready") from late
+    data: list[dict[str, Any]] = [
+        {"object": "embedding", "index": index, "embedding": _encode(vector, request.encoding_format)}
+        for index, vector in enumerate(vectors)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": request.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def _texts(request: EmbeddingRequest) -> list[str]:

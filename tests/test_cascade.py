@@ -166,8 +166,11 @@ def test_passthrough_streams_the_final_tier_directly(client: OpenAI, upstream: U
     raw = client.chat.completions.with_raw_response.create(
         model="passthrough", messages=ASK, max_tokens=12, stream=True
     )  # type: ignore[call-overload]
-    assert raw.headers["x-tiergate-attempts"] == "big:ok"
+    # tier 0 was tried, judged and paid for before the final tier streamed: the headers say so
+    assert raw.headers["x-tiergate-attempts"] == "smol:invalid_output,big:ok"
     assert raw.headers["x-tiergate-backend"] == "big"
+    assert float(raw.headers["x-tiergate-cost-usd"]) == 0.0  # smol is free; big's cost is known when it ends
+    assert "x-tiergate-saved-usd" not in raw.headers
     chunks = list(raw.parse())
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == CANNED
     assert upstream.last_request().body["stream"] is True

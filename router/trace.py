@@ -1,0 +1,60 @@
+"""Typed records of what one request went through: every attempt, skip and escalation, rendered only at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Escalation(StrEnum):
+    """Why the cascade left a tier that answered (the policy's `escalate_on` values)."""
+
+    INVALID_OUTPUT = "invalid_output"
+    LOW_CONFIDENCE = "low_confidence"
+    SELF_CONSISTENCY = "self_consistency"
+
+
+class Skip(StrEnum):
+    """Why a candidate was not called at all."""
+
+    UNSUPPORTED = "unsupported"  # its check() refused a parameter
+    CONTEXT_TOO_SMALL = "context_too_small"  # a smaller-or-equal context already overflowed
+    CIRCUIT_OPEN = "circuit_open"
+    RETRY_BUDGET_SPENT = "retry_budget_spent"
+    PREDICTED_HARD = "predicted_hard"  # the difficulty learner expects this tier to fail
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One line of the trail: a call (ok or failed with an error code), a skip, or an answer that was escalated."""
+
+    backend: str
+    ok: bool = False
+    error_code: str = ""  # set when the call raised
+    skip: Skip | None = None
+    escalation: Escalation | None = None  # set when the call answered but the answer was not accepted
+    score: float | None = None  # the predicted failure probability, for PREDICTED_HARD
+    seconds: float = 0.0  # time inside the backend
+    cost_usd: float = 0.0
+
+    @property
+    def called(self) -> bool:
+        return self.skip is None
+
+    def label(self) -> str:
+        """The `backend:outcome` form of `x-tiergate-attempts` and the access log."""
+        if self.skip is Skip.PREDICTED_HARD and self.score is not None:
+            outcome = f"predicted_hard={self.score:.2f}"
+        elif self.skip is not None:
+            outcome = self.skip.value
+        elif self.escalation is not None:
+            outcome = self.escalation.value
+        elif self.error_code:
+            outcome = self.error_code
+        else:
+            outcome = "ok"
+        return f"{self.backend}:{outcome}"
+
+
+def render(trail: list[Attempt]) -> str:
+    return ",".join(attempt.label() for attempt in trail)
