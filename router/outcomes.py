@@ -19,14 +19,30 @@ class OutcomeLog:
     def __init__(self, size: int = 5000) -> None:
         self.size = size
         self._by_tier: dict[str, deque[Outcome]] = {}
+        self._added: dict[str, int] = {}
+        # (tier, min_samples, target) -> (outcomes added when computed, threshold): sorting 5000 outcomes takes
+        # ~6 ms, too long for the event loop on every request; recomputed after 1% of the log is new.
+        self._thresholds: dict[tuple[str, int, float], tuple[int, float | None]] = {}
 
     def add(self, outcome: Outcome) -> None:
         self._by_tier.setdefault(outcome.tier, deque(maxlen=self.size)).append(outcome)
+        self._added[outcome.tier] = self._added.get(outcome.tier, 0) + 1
 
     def of(self, tier: str) -> list[Outcome]:
         return list(self._by_tier.get(tier, ()))
 
     def calibrated_threshold(self, tier: str, min_samples: int, target_failure_rate: float) -> float | None:
+        """`threshold_from_log`, cached until 1% of the tier's log (at least one outcome) is new."""
+        added = self._added.get(tier, 0)
+        key = (tier, min_samples, target_failure_rate)
+        cached = self._thresholds.get(key)
+        if cached is not None and added - cached[0] < max(1, len(self._by_tier.get(tier, ())) // 100):
+            return cached[1]
+        threshold = self.threshold_from_log(tier, min_samples, target_failure_rate)
+        self._thresholds[key] = (added, threshold)
+        return threshold
+
+    def threshold_from_log(self, tier: str, min_samples: int, target_failure_rate: float) -> float | None:
         """The highest confidence t such that answers below t failed at least `target_failure_rate` of the time.
 
         None until the log holds `min_samples` scored answers with both outcomes: no evidence, no escalation.

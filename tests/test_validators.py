@@ -87,8 +87,8 @@ def test_requests_imply_their_validators() -> None:
         {**base, "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}}
     )
     assert [v.name for v in implied_by(schema)] == ["json_schema"]
-    options = ChatRequest.model_validate({**base, "tiergate": {"regex": "a+", "choices": ["x", "y"]}})
-    assert [v.name for v in implied_by(options)] == ["regex", "choices"]
+    regex = ChatRequest.model_validate({**base, "tiergate": {"regex": "a+"}})
+    assert [v.name for v in implied_by(regex)] == ["regex"]
     assert implied_by(ChatRequest.model_validate(base)) == []
 
 
@@ -105,3 +105,16 @@ def test_calibration_waits_for_evidence_then_finds_the_failing_low_end() -> None
     assert threshold == pytest.approx((-0.3 + -0.2) / 2)
     assert log.calibrated_threshold("smol", min_samples=5, target_failure_rate=0.9) == pytest.approx((-2.0 + -1.95) / 2)
     assert log.calibrated_threshold("gemma", min_samples=1, target_failure_rate=0.5) is None
+
+
+def test_calibrated_threshold_is_cached_until_one_percent_of_the_log_is_new() -> None:
+    log = OutcomeLog(size=5000)
+    for index in range(1000):
+        log.add(Outcome("smol", ok=index % 2 == 0, confidence=-1.0 - (index % 2)))  # failures at -2, passes at -1
+    first = log.calibrated_threshold("smol", 30, 0.5)
+    assert first is not None and first == log.threshold_from_log("smol", 30, 0.5)
+    for _ in range(9):  # under 1% new: the cached value stands (no 5000-outcome sort per request)
+        log.add(Outcome("smol", ok=False, confidence=-0.5))
+    assert log.calibrated_threshold("smol", 30, 0.5) == first != log.threshold_from_log("smol", 30, 0.5)
+    log.add(Outcome("smol", ok=False, confidence=-0.5))  # the tenth: recomputed from the log
+    assert log.calibrated_threshold("smol", 30, 0.5) == log.threshold_from_log("smol", 30, 0.5)
