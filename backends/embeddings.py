@@ -7,7 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from backends.batching import MicroBatcher
 from backends.errors import BackendUnavailable, BadRequest
@@ -26,6 +26,26 @@ class SentenceTransformerSettings(StrictSettings):
     batch_window_ms: float = Field(
         3.0, ge=0, description="Requests arriving within this window share one forward pass (micro-batching)."
     )
+    max_queue: int = Field(
+        8192,
+        ge=1,
+        description=(
+            "Texts waiting for a forward pass, at most; a request that would overfill the queue is refused at once "
+            "with 503 overloaded and Retry-After. At least max_inputs."
+        ),
+    )
+    timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest an embedding request waits and encodes; past it: 504 deadline_exceeded (and, if still "
+        "queued, its texts are never encoded).",
+    )
+
+    @model_validator(mode="after")
+    def _one_request_fits_the_queue(self) -> SentenceTransformerSettings:
+        if self.max_queue < self.max_inputs:
+            raise ValueError(f"max_queue ({self.max_queue}) must be at least max_inputs ({self.max_inputs})")
+        return self
 
     def create(self, name: str) -> SentenceTransformerEmbedder:
         return SentenceTransformerEmbedder(name, self)
@@ -39,14 +59,14 @@ class SentenceTransformerEmbedder:
         self._model: Any = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{name}")
         self._batcher: MicroBatcher[str, tuple[list[float], int]] = MicroBatcher(
-            self._encode, self._executor, settings.batch_window_ms / 1000, settings.max_batch
+            self._encode, self._executor, settings.batch_window_ms / 1000, settings.max_batch, settings.max_queue
         )
 
     def ready(self) -> bool:
         return self._model is not None
 
     def status(self) -> dict[str, Any]:
-        return {"dimensions": self.dimensions, "batched_calls": self._batcher.calls}
+        return {"dimensions": self.dimensions, "batched_calls": self._batcher.calls, "queued": self._batcher.queued}
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
@@ -71,7 +91,8 @@ class SentenceTransformerEmbedder:
             raise BackendUnavailable(f"embedder '{self.name}' is not loaded yet", retry_after=5)
         if len(texts) > self.settings.max_inputs:
             raise BadRequest(f"at most {self.settings.max_inputs} inputs per request", param="input")
-        results = await self._batcher.submit(texts)
+        deadline = asyncio.get_running_loop().time() + self.settings.timeout_s
+        results = await self._batcher.submit(texts, deadline)
         return [vector for vector, _ in results], sum(tokens for _, tokens in results)
 
     def _encode(self, texts: list[str]) -> list[tuple[list[float], int]]:
