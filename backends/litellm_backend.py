@@ -27,7 +27,7 @@ from backends.errors import (
 )
 from backends.openai_compat import CapabilitySettings, Counters, TimeoutSettings
 from backends.protocol import ChatRequest
-from backends.settings import PriceSettings
+from backends.settings import ForwardList, PriceSettings, check_forwarding, strip_unforwarded
 from backends.upstream_errors import (
     FirstByteTimeout,
     UpstreamAuthRejected,
@@ -76,6 +76,7 @@ class LitellmSettings(TimeoutSettings):
         default_factory=CapabilitySettings, description="What the model can do; requests needing more are refused."
     )
     price: PriceSettings = Field(default_factory=PriceSettings, description="What a token costs here.")
+    forward: ForwardList
 
     @field_validator("api_base")
     @classmethod
@@ -134,6 +135,7 @@ class LitellmBackend:
             # client per call and never closes it. Legacy completions go to `openai` backends.
             raise Unsupported(f"backend '{self.name}' serves chat completions only", param="prompt")
         translate.check(request, self.name, self.capabilities)
+        check_forwarding(request, self.name, self.settings.forward)
 
     async def generate(self, request: GenerationRequest) -> Payload:
         params = self._call(request, stream=False)
@@ -207,7 +209,9 @@ class LitellmBackend:
     def _call(self, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
         """Arguments for litellm.acompletion: the client's fields, our model, key and limits."""
         self.check(request)
-        params = translate.upstream_body(request, self.settings.model, self.capabilities)
+        params = strip_unforwarded(
+            translate.upstream_body(request, self.settings.model, self.capabilities), self.settings.forward
+        )
         params |= {
             "stream": stream,
             "api_key": self.settings.api_key or None,

@@ -16,7 +16,7 @@ from yarl import URL
 from backends import openai_translate as translate
 from backends.base import Capabilities, GenerationRequest, Payload
 from backends.errors import BackendUnavailable, TiergateError, UpstreamError, UpstreamTimeout
-from backends.settings import PriceSettings, StrictSettings
+from backends.settings import ForwardList, PriceSettings, StrictSettings, check_forwarding, strip_unforwarded
 from backends.upstream_errors import (
     FirstByteTimeout,
     UpstreamConnectError,
@@ -70,6 +70,7 @@ class OpenAICompatSettings(TimeoutSettings):
         default_factory=CapabilitySettings, description="What the upstream can do; requests needing more are refused."
     )
     price: PriceSettings = Field(default_factory=PriceSettings, description="What a token costs here.")
+    forward: ForwardList
     max_connections: int = Field(100, ge=1, description="Connections kept open to the upstream, at most.")
     keepalive_timeout_s: float = Field(
         4.0,
@@ -172,9 +173,14 @@ class OpenAICompatBackend:
 
     def check(self, request: GenerationRequest) -> None:
         translate.check(request, self.name, self.capabilities)
+        check_forwarding(request, self.name, self.settings.forward)
+
+    def _body(self, request: GenerationRequest) -> Payload:
+        body = translate.upstream_body(request, self.settings.model, self.capabilities)
+        return strip_unforwarded(body, self.settings.forward)
 
     async def generate(self, request: GenerationRequest) -> Payload:
-        body = translate.upstream_body(request, self.settings.model, self.capabilities)
+        body = self._body(request)
         body["stream"] = False
         async with self._counters.attempt():
             try:
@@ -198,7 +204,7 @@ class OpenAICompatBackend:
             return payload
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Payload]:
-        body = translate.upstream_body(request, self.settings.model, self.capabilities)
+        body = self._body(request)
         body["stream"] = True
         loop = asyncio.get_running_loop()
         async with self._counters.attempt():

@@ -1,10 +1,14 @@
-"""Policy settings shared by backend kinds: how weights are named, what a backend costs."""
+"""Policy settings shared by backend kinds: how weights are named, what a backend costs, what it may forward."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import Annotated, Literal, get_args
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from backends.base import Price
+from backends.base import GenerationRequest, Payload, Price
+from backends.errors import Unsupported
 from backends.model_files import ModelSource
 
 
@@ -43,3 +47,58 @@ class PriceSettings(StrictSettings):
 
     def price(self) -> Price:
         return Price(self.input_per_million, self.output_per_million, self.per_hour)
+
+
+# Request fields that make an upstream bill more than one answer at its list price, or keep data there.
+GatedParam = Literal[
+    "n",  # several answers, each billed
+    "best_of",  # legacy completions: best_of answers generated and billed, one returned
+    "service_tier",  # priority / scale / flex: another price list
+    "web_search_options",  # a search billed per call, on top of tokens
+    "prediction",  # predicted output: rejected prediction tokens are billed as completion tokens
+    "modalities",  # ["text", "audio"]: audio output, billed at audio rates
+    "audio",  # the voice and format of that audio output
+    "store",  # the upstream keeps the conversation (OpenAI: for distillation and evals)
+    "metadata",  # tags kept with a stored conversation
+    "user",  # an end-user identifier the upstream keeps for abuse monitoring
+    "safety_identifier",  # the same, under its newer name
+]
+GATED_PARAMS: tuple[str, ...] = get_args(GatedParam)
+# Values that ask for nothing beyond the upstream's own default: sending them is never refused.
+HARMLESS_VALUES: dict[str, tuple[object, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "store": (False,),
+    "modalities": (["text"],),
+}
+
+FORWARD_DESCRIPTION = (
+    "Request fields that cost money or keep data upstream which this backend may pass on, among: "
+    + ", ".join(GATED_PARAMS)
+    + ". A request using any other of them is refused with 400 naming it (a cascade moves on to a tier that "
+    "allows it); values that ask for nothing (n: 1, best_of: 1, store: false, modalities: [text]) always pass. "
+    "Default: none."
+)
+ForwardList = Annotated[list[GatedParam], Field(default_factory=list, description=FORWARD_DESCRIPTION)]
+
+
+def check_forwarding(request: GenerationRequest, backend: str, forward: Collection[str]) -> None:
+    """Refuse, naming it, the first gated field the request uses that backend's `forward` list does not allow."""
+    for name in GATED_PARAMS:
+        if name in forward or name not in request.model_fields_set:
+            continue
+        value = getattr(request, name, None)
+        if value is not None and value not in HARMLESS_VALUES.get(name, ()):
+            raise Unsupported(
+                f"backend '{backend}' may not forward '{name}': it costs money or keeps data upstream, "
+                "and the policy does not allow it there",
+                param=name,
+            )
+
+
+def strip_unforwarded(body: Payload, forward: Collection[str]) -> Payload:
+    """The upstream body without the gated fields `forward` does not allow (their harmless values included)."""
+    for name in GATED_PARAMS:
+        if name not in forward:
+            body.pop(name, None)
+    return body
