@@ -22,12 +22,14 @@ from backends.upstream_errors import (
     UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamRejected,
+    UpstreamResponseTooLarge,
     UpstreamStreamBroken,
 )
 
 # After [DONE] the upstream should end the body at once; waiting longer is not worth a pooled connection.
 DRAIN_TIMEOUT_S = 1.0
 ERROR_BODY_LIMIT = 64 * 1024  # enough for any error message; more is not read
+READ_SIZE = 64 * 1024
 
 
 class CapabilitySettings(StrictSettings):
@@ -71,6 +73,14 @@ class OpenAICompatSettings(TimeoutSettings):
     )
     price: PriceSettings = Field(default_factory=PriceSettings, description="What a token costs here.")
     forward: ForwardList
+    max_response_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest answer body (non-streamed) and largest single SSE event (streamed) read from the upstream; "
+            "a larger one is not read to its end and fails as upstream_response_too_large. Default 16 MiB."
+        ),
+    )
     max_connections: int = Field(100, ge=1, description="Connections kept open to the upstream, at most.")
     keepalive_timeout_s: float = Field(
         4.0,
@@ -187,7 +197,7 @@ class OpenAICompatBackend:
                 async with asyncio.timeout(self.settings.response_timeout_s):
                     response = await self._open(request, body)
                     try:
-                        raw = await response.read()
+                        raw = await self._read_bounded(response)
                     finally:
                         response.release()
             except TimeoutError as error:
@@ -220,7 +230,7 @@ class OpenAICompatBackend:
             relayed = 0
             finished = False
             try:
-                decoder = translate.SseDecoder()
+                decoder = translate.SseDecoder(max_event_bytes=self.settings.max_response_bytes)
                 while not finished:
                     async with asyncio.timeout_at(deadline):
                         data = await response.content.readany()
@@ -292,6 +302,27 @@ class OpenAICompatBackend:
             )
         finally:
             response.close()
+
+    async def _read_bounded(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole answer body, or UpstreamResponseTooLarge as soon as it is known to pass `max_response_bytes`."""
+        limit = self.settings.max_response_bytes
+        announced = response.content_length
+        if announced is not None and announced > limit:
+            response.close()
+            raise self._too_large(f"Content-Length {announced}")
+        body = bytearray()
+        while part := await response.content.read(READ_SIZE):
+            body += part
+            if len(body) > limit:
+                response.close()  # the rest is left unread: this connection must not go back to the pool
+                raise self._too_large(f"{len(body)} bytes read and more coming")
+        return bytes(body)
+
+    def _too_large(self, seen: str) -> UpstreamResponseTooLarge:
+        return UpstreamResponseTooLarge(
+            f"backend '{self.name}': the upstream answer is larger than the {self.settings.max_response_bytes} bytes "
+            f"allowed by max_response_bytes ({seen})"
+        )
 
     async def _drain(self, response: aiohttp.ClientResponse) -> bool:
         """After [DONE], read to the end so the connection can be reused; False if the upstream keeps talking."""

@@ -27,6 +27,7 @@ from backends.upstream_errors import (
     UpstreamProtocolError,
     UpstreamRateLimited,
     UpstreamRejected,
+    UpstreamResponseTooLarge,
     UpstreamUnavailable,
 )
 
@@ -180,7 +181,7 @@ class SseDecoder:
             start = end + 1
         del self._buffer[:start]
         if len(self._buffer) + self._size > self.max_event_bytes:
-            raise UpstreamProtocolError(f"an upstream SSE event exceeds {self.max_event_bytes} bytes")
+            raise UpstreamResponseTooLarge(f"an upstream SSE event exceeds {self.max_event_bytes} bytes")
         return events
 
     def close(self) -> list[SseEvent]:

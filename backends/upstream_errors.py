@@ -64,3 +64,13 @@ class UpstreamProtocolError(UpstreamError):
     """The upstream answered, but not with OpenAI-shaped JSON or SSE."""
 
     code = "upstream_protocol_error"
+
+
+class UpstreamResponseTooLarge(UpstreamProtocolError):
+    """The upstream's answer (or one SSE event of it) is larger than `max_response_bytes`: it was not read to its end.
+
+    Not retried: the same request would bring the same answer; a fallback with another model may do better.
+    """
+
+    code = "upstream_response_too_large"
+    retryable = False

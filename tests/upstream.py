@@ -65,6 +65,7 @@ class Behaviour:
     cut: bool = False  # mid-stream: end the body cleanly, without [DONE]
     error_event: bool = False  # mid-stream: send data: {"error": ...} and end
     raw_body: str | None = None  # send this body (200, application/json) instead of an answer
+    raw_chunked: bool = False  # send raw_body in 64 KiB pieces, chunked, with no Content-Length
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> Behaviour:
@@ -277,6 +278,9 @@ class _Exchange:
             await _json(self.send, behaviour.status, payload, headers)
             return
         if behaviour.raw_body is not None:
+            if behaviour.raw_chunked:
+                await self._chunked(behaviour.raw_body.encode())
+                return
             await _raw(self.send, 200, behaviour.raw_body.encode(), "application/json", behaviour.headers)
             return
         answer = _Answer(body, behaviour.text, chat)
@@ -321,6 +325,15 @@ class _Exchange:
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
             return False
         return True
+
+    async def _chunked(self, content: bytes) -> None:
+        await self._start(200, "application/json", self.behaviour.headers)
+        for start in range(0, len(content), 64 * 1024):
+            if self.gone.is_set():
+                return
+            piece = content[start : start + 64 * 1024]
+            await self.send({"type": "http.response.body", "body": piece, "more_body": True})
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _start(self, status: int, content_type: str, headers: dict[str, str]) -> None:
         pairs = [(b"content-type", content_type.encode())]
