@@ -17,6 +17,7 @@ from backends import openai_translate as translate
 from backends.base import Capabilities, GenerationRequest, Payload
 from backends.errors import BackendUnavailable, TiergateError, UpstreamError, UpstreamTimeout
 from backends.settings import ForwardList, PriceSettings, StrictSettings, check_forwarding, strip_unforwarded
+from backends.stream_usage import StreamUsage
 from backends.upstream_errors import (
     FirstByteTimeout,
     UpstreamConnectError,
@@ -73,6 +74,14 @@ class OpenAICompatSettings(TimeoutSettings):
     )
     price: PriceSettings = Field(default_factory=PriceSettings, description="What a token costs here.")
     forward: ForwardList
+    stream_usage: bool = Field(
+        True,
+        description=(
+            "Ask the upstream for usage on every stream (stream_options.include_usage), dropped again when the client "
+            "did not ask; turn off for a server that refuses the field. Without the upstream's usage the gateway "
+            "counts it itself, marked tiergate_estimated."
+        ),
+    )
     max_response_bytes: int = Field(
         16 * 1024 * 1024,
         ge=1024,
@@ -128,8 +137,11 @@ class Counters:
     def count_usage(self, payload: Payload) -> None:
         usage = translate.usage_of(payload)
         if usage is not None:
-            self.counts["prompt_tokens"] += usage[0]
-            self.counts["completion_tokens"] += usage[1]
+            self.count_tokens(*usage)
+
+    def count_tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.counts["prompt_tokens"] += prompt_tokens
+        self.counts["completion_tokens"] += completion_tokens
 
     def figures(self) -> dict[str, Any]:
         return {"in_flight": self.in_flight, **self.counts, "last_error": self.last_error}
@@ -216,6 +228,10 @@ class OpenAICompatBackend:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Payload]:
         body = self._body(request)
         body["stream"] = True
+        if self.settings.stream_usage:
+            # Exact usage wherever the upstream can give it; StreamUsage drops it again if the client did not ask.
+            body["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
+        usage = StreamUsage(request, request.model)
         loop = asyncio.get_running_loop()
         async with self._counters.attempt():
             # Deadlines wrap each read, never a `yield`: the consumer's own pace must not count as upstream silence.
@@ -244,8 +260,10 @@ class OpenAICompatBackend:
                                 raise translate.error_in_stream(chunk, backend=self.name, model=self.settings.model)
                             raise self._broken(f"the upstream failed: {translate.error_fields(chunk).message}", relayed)
                         self._counters.count_usage(chunk)
-                        yield translate.relabel(chunk, request.model)
-                        relayed += 1
+                        relayed_chunk = usage.relayed(translate.relabel(chunk, request.model))
+                        if relayed_chunk is not None:
+                            yield relayed_chunk
+                            relayed += 1
                         deadline = loop.time() + self.settings.idle_timeout_s
                     if not data and not finished:
                         if relayed:
@@ -254,6 +272,11 @@ class OpenAICompatBackend:
                             f"backend '{self.name}': the upstream stream ended before any chunk"
                         )
                 finished = await self._drain(response)
+                if usage.upstream is None:
+                    self._counters.count_tokens(*usage.counted_tokens())
+                final = usage.final()
+                if final is not None:
+                    yield final
             except TimeoutError as error:
                 if relayed:
                     raise self._broken(f"no chunk for {self.settings.idle_timeout_s:g} s", relayed) from error

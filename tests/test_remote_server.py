@@ -177,6 +177,17 @@ def test_openai_backend_chat_stream(llama_server: str) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_openai_backend_stream_has_usage_when_asked(llama_server: str) -> None:
+    """llama_cpp.server may leave usage out of a stream; the client that asked for it gets it all the same."""
+    asked = chat(stream=True, stream_options={"include_usage": True})
+    chunks = run(openai_backend(llama_server), lambda backend: collect(backend, asked))
+    assert chunks[-1]["choices"] == []
+    check_usage(chunks[-1], 8)
+    assert sum(bool(chunk.get("usage")) for chunk in chunks) == 1
+    unasked = run(openai_backend(llama_server), lambda backend: collect(backend, chat(stream=True)))
+    assert not any("usage" in chunk for chunk in unasked)
+
+
 def test_openai_backend_context_length(llama_server: str) -> None:
     long = chat(messages=[{"role": "user", "content": "word " * 1500}])
     with pytest.raises(ContextLengthExceeded) as caught:

@@ -66,6 +66,7 @@ class Behaviour:
     error_event: bool = False  # mid-stream: send data: {"error": ...} and end
     raw_body: str | None = None  # send this body (200, application/json) instead of an answer
     raw_chunked: bool = False  # send raw_body in 64 KiB pieces, chunked, with no Content-Length
+    omit_usage: bool = False  # streams: no usage chunk even when asked (as llama_cpp.server does)
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> Behaviour:
@@ -296,7 +297,7 @@ class _Exchange:
         if behaviour.reset == "after_headers":
             await self._abort()
             return
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and not behaviour.omit_usage
         for event in answer.events(include_usage):
             if self.sent == behaviour.after_chunks and not await self._midway():
                 return
