@@ -16,9 +16,12 @@ from starlette.routing import Route
 
 from backends.errors import AuthenticationFailed, InternalError, NotFound, TiergateError
 from backends.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
-from gateway.http import ClientGone, error_response, json_response, parse, read_json, unless_disconnected
+from gateway.http import ClientGone, error_response, header_value, json_response, parse, read_json, unless_disconnected
 from gateway.sse import EventStream
-from router.engine import Answer, Router, Stream
+from router import engine
+from router.context import RequestContext
+from router.engine import Answer, Stream
+from router.runtime import Runtime, RuntimeRef
 from router.table import RoutingTable
 from router.validators import prompt_text
 
@@ -29,11 +32,18 @@ CLIENT_CLOSED = 499  # nginx's convention; nobody reads it, the access log does
 
 @dataclass
 class Gateway:
-    """What the endpoints share, kept on app.state (no module globals)."""
+    """What the endpoints share, kept on app.state (no module globals): one reference to the running runtime."""
 
-    table: RoutingTable
-    router: Router
+    runtimes: RuntimeRef
     started: float
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.runtimes.current
+
+    @property
+    def table(self) -> RoutingTable:
+        return self.runtimes.current.table
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -58,6 +68,8 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         began = time.perf_counter()
         gateway = gateway_of(request)
+        context = RequestContext()
+        request.state.context = context
         try:
             authorize(request, gateway.table.server.api_keys)
             response = await handler(request)
@@ -75,7 +87,13 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
                         "path": request.scope["path"],
                         "status": response.status_code,
                         "ms": round((time.perf_counter() - began) * 1000, 2),
-                        **{key[11:]: value for key, value in response.headers.items() if key.startswith("x-tiergate-")},
+                        "request_id": context.request_id,
+                        **({"attempts": context.attempts()} if context.trace else {}),
+                        **{
+                            key[11:]: value
+                            for key, value in response.headers.items()
+                            if key.startswith("x-tiergate-") and key != "x-tiergate-attempts"
+                        },
                         **({"prompt": request.state.prompt} if hasattr(request.state, "prompt") else {}),
                     }
                 ).decode()
@@ -85,21 +103,26 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
     return endpoint
 
 
-def transparency(answer: Answer | Stream, began: float) -> dict[str, str]:
-    """The x-tiergate-* headers: who answered, after which attempts, at what cost, with what overhead."""
+def transparency(answer: Answer | Stream, context: RequestContext, began: float) -> dict[str, str]:
+    """The x-tiergate-* headers, rendered from the typed records: who answered, after which attempts, at what cost.
+
+    A stream's headers leave before its last chunk: there `x-tiergate-cost-usd` is what the attempts before the
+    stream cost, and the complete figures (with the saving) are in the access log line written when it ends.
+    """
     gateway_s = time.perf_counter() - began
     headers = {
         "x-tiergate-backend": answer.backend,
-        "x-tiergate-attempts": answer.attempts,
+        "x-tiergate-attempts": header_value(context.attempts(), limit=1000),
         "x-tiergate-overhead-ms": f"{max(0.0, gateway_s - answer.waited_s) * 1000:.2f}",
     }
     if answer.costs is not None:
         headers["x-tiergate-cost-usd"] = f"{answer.costs.total_usd:.8f}"
-        headers["x-tiergate-saved-usd"] = f"{answer.costs.saved_usd:.8f}"
+        if isinstance(answer, Answer) or answer.replayed:
+            headers["x-tiergate-saved-usd"] = f"{answer.costs.saved_usd:.8f}"
     if answer.intent:
-        headers["x-tiergate-intent"] = answer.intent
+        headers["x-tiergate-intent"] = header_value(answer.intent)
     if not answer.validation.ok:
-        headers["x-tiergate-validation"] = f"failed; {answer.validation.reason}"[:500]
+        headers["x-tiergate-validation"] = header_value(f"failed; {answer.validation.reason}")
     return headers
 
 
@@ -109,12 +132,14 @@ async def _generation(request: Request, schema: type[ChatRequest] | type[Complet
     parsed = parse(schema, await read_json(request, gateway.table.server.max_body_bytes))
     if gateway.table.server.log_prompts:
         request.state.prompt = prompt_text(parsed)
+    context: RequestContext = request.state.context
+    runtime = gateway.runtime  # taken once: a policy swapped meanwhile does not change this request's table
     # The router enforces the model's deadline on every attempt (queueing included).
     if parsed.stream:
-        stream = await unless_disconnected(request.receive, gateway.router.stream(parsed))
-        return EventStream(stream.first, stream.chunks, stream.deadline, transparency(stream, began))
-    answer = await unless_disconnected(request.receive, gateway.router.generate(parsed))
-    return json_response(answer.payload, headers=transparency(answer, began))
+        stream = await unless_disconnected(request.receive, engine.stream(runtime, parsed, context))
+        return EventStream(stream.first, stream.chunks, stream.deadline, transparency(stream, context, began))
+    answer = await unless_disconnected(request.receive, engine.generate(runtime, parsed, context))
+    return json_response(answer.payload, headers=transparency(answer, context, began))
 
 
 async def chat_completions(request: Request) -> Response:
@@ -128,7 +153,9 @@ async def completions(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     gateway = gateway_of(request)
     parsed = parse(EmbeddingRequest, await read_json(request, gateway.table.server.max_body_bytes))
-    payload = await unless_disconnected(request.receive, gateway.router.embed(parsed))
+    payload = await unless_disconnected(
+        request.receive, engine.embed(gateway.runtime, parsed, request.state.context)
+    )
     return json_response(payload)
 
 
