@@ -13,6 +13,7 @@ from router.loader import LoadedPolicy, Location, PolicyError
 from router.policy import ModelRoute, ReliabilitySettings, ServerSettings
 from router.reliability import BreakerSettings, RetrySettings
 from router.validators import Validator, build
+from router.validators import problems as validator_problems
 
 RouteKind = Literal["backend", "cascade", "embedding", "intent"]
 
@@ -96,6 +97,7 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
                 problems.append(f"{where}: unknown embedder '{model.embedding}' ({_known(policy.embeddings)})")
             routes[name] = _route(name, "embedding", model, policy.server, policy.reliability)
             continue
+        problems += _check_validators(loaded, name, model)
         if model.intents is not None:
             problems += _check_intents(loaded, name, model)
             routes[name] = _route(name, "intent", model, policy.server, policy.reliability)
@@ -151,6 +153,14 @@ def _route(
         settings=model,
         validators=tuple(build(validator) for validator in model.validators),
     )
+
+
+def _check_validators(loaded: LoadedPolicy, name: str, model: ModelRoute) -> list[str]:
+    return [
+        f"{loaded.where(('models', name, 'validators', index, *inner))}: {message}"
+        for index, validator in enumerate(model.validators)
+        for inner, message in validator_problems(validator)
+    ]
 
 
 def _check_intents(loaded: LoadedPolicy, name: str, model: ModelRoute) -> list[str]:
