@@ -137,7 +137,9 @@ class Cascade:
                 asked = asked.model_copy(update={"logprobs": True})
             plan = plan_for(route, tier, fallbacks, final=final, context=context)
             try:
-                refused = refusal(tier, asked, context)
+                # an earlier tier that refuses makes way for the next one; the last tier's refusal is left to its
+                # plan, which moves on to the model's fallbacks
+                refused = None if final else refusal(tier, asked, context)
                 if refused is not None:
                     raise refused
                 payload, backend = await self.attempts.generate(plan, asked)
@@ -167,7 +169,8 @@ class Cascade:
             if judged.escalation is None:
                 break
             trail[-1] = replace(trail[-1], escalation=judged.escalation)
-            escalates = judged.escalation is Escalation.SELF_CONSISTENCY or judged.escalation.value in settings.escalate_on
+            escalation = judged.escalation
+            escalates = escalation is Escalation.SELF_CONSISTENCY or escalation.value in settings.escalate_on
             if final or not escalates:
                 break
             if settings.repair_hint:

@@ -202,7 +202,9 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
         plan = plan_for(route, tier, found.fallbacks, final=final, context=context)
         began = time.perf_counter()
         try:
-            refused = refusal(tier, metered_request, context)
+            # an earlier tier that refuses makes way for the next one; the last tier's refusal is left to its
+            # plan, which moves on to the model's fallbacks
+            refused = None if final else refusal(tier, metered_request, context)
             if refused is not None:
                 raise refused
             first, rest, backend = await runtime.attempts.stream(plan, metered_request)

@@ -308,3 +308,22 @@ def test_the_trail_is_typed_records() -> None:
         ("small", True, Escalation.INVALID_OUTPUT),
         ("big", True, None),
     ]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_last_tier_that_refuses_leaves_the_request_to_the_fallbacks(stream: bool) -> None:
+    runtime = runtime_with(
+        small=FakeBackend("small", refuses=("logprobs",)),
+        big=FakeBackend("big", refuses=("logprobs",)),
+        spare=FakeBackend("spare", [Reply("good")]),
+    )
+    context = RequestContext()
+
+    async def run() -> str:
+        if stream:
+            found = await engine.stream(runtime, chat("fallback", logprobs=True, stream=True), context)
+            return found.backend
+        return (await engine.generate(runtime, chat("fallback", logprobs=True), context)).backend
+
+    assert asyncio.run(run()) == "spare"
+    assert labels(context) == "small:unsupported,big:unsupported,spare:ok"
