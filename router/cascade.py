@@ -82,9 +82,10 @@ def _with_hint(request: GenerationRequest, reason: str) -> GenerationRequest:
     return request.model_copy(update={"messages": [*request.messages, hint]})
 
 
-def needs_buffering(route: Route, request: GenerationRequest) -> bool:
+def needs_buffering(route: Route, validators: list[Validator]) -> bool:
+    """`validators`: what the request implies and the route lists (`validators_of`)."""
     settings = route.settings
-    checks = bool(route.validators or implied_by(request))
+    checks = bool(validators)
     extra = settings is not None and ("low_confidence" in settings.escalate_on or settings.self_consistency is not None)
     return checks or extra
 
@@ -93,6 +94,11 @@ def needs_buffering(route: Route, request: GenerationRequest) -> bool:
 class _Judged:
     verdict: Verdict
     escalation: Escalation | None  # None when the answer is accepted
+
+
+def validators_of(route: Route, request: GenerationRequest) -> list[Validator]:
+    """The checks an answer must pass: the request's constraint, read once per request, then the policy's."""
+    return [*implied_by(request), *route.validators]
 
 
 class Cascade:
@@ -108,13 +114,13 @@ class Cascade:
         fallbacks: list[Backend],
         request: GenerationRequest,
         context: RequestContext,
+        validators: list[Validator],
         stop_before_final: bool = False,
         guide: Guide | None = None,
     ) -> Outcomes:
         """The first acceptable answer, tier by tier; payload None if `stop_before_final` and no earlier tier passed."""
         assert route.settings is not None
         settings = route.settings
-        validators = [*implied_by(request), *route.validators]
         checks = Context(prompt_text(request))
         trail = context.trace
         costs = Costs()

@@ -15,7 +15,7 @@ import numpy as np
 from backends.base import Backend, GenerationRequest, Payload
 from backends.errors import BackendUnavailable, BadRequest, DeadlineExceeded, TiergateError, Unsupported
 from backends.protocol import EmbeddingRequest, StreamOptions
-from router.cascade import Cascade, Guide, needs_buffering
+from router.cascade import Cascade, Guide, needs_buffering, validators_of
 from router.context import RequestContext
 from router.costs import Costs, baseline, usage_of
 from router.replay import replay
@@ -158,8 +158,9 @@ async def resolve(runtime: Runtime, request: GenerationRequest, context: Request
 
 async def generate(runtime: Runtime, request: GenerationRequest, context: RequestContext) -> Answer:
     found = await resolve(runtime, request, context)
+    validators = validators_of(found.route, request)
     outcome = await cascade_of(runtime).run(
-        found.route, found.tiers, found.fallbacks, request, context, guide=found.guide
+        found.route, found.tiers, found.fallbacks, request, context, validators, guide=found.guide
     )
     assert outcome.payload is not None and outcome.backend is not None
     return Answer(
@@ -174,11 +175,12 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
     tiers = found.tiers
     costs = Costs()
     waited = 0.0
-    if needs_buffering(route, request):
+    validators = validators_of(route, request)
+    if needs_buffering(route, validators):
         whole = request.model_copy(update={"stream": False, "stream_options": None})
         passthrough = route.settings.stream_mode == "passthrough" and len(found.tiers) > 1
         outcome = await cascade_of(runtime).run(
-            route, found.tiers, found.fallbacks, whole, context, stop_before_final=passthrough, guide=found.guide
+            route, found.tiers, found.fallbacks, whole, context, validators, passthrough, found.guide
         )
         if outcome.payload is not None and outcome.backend is not None:
             chunks = replay(outcome.payload, request.include_usage())
