@@ -7,6 +7,7 @@ import pickle
 import select
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,6 +51,10 @@ class CompileRefused(Exception):
     """The compile ran past its time budget or its memory limit; its worker was killed."""
 
 
+class CompileAbandoned(Exception):
+    """The compile was given up by its caller (a cancelled request); its worker was killed if it had started."""
+
+
 class IndexWorker:
     """A child process that builds Outlines indexes, so that a runaway compile can be killed.
 
@@ -61,9 +66,46 @@ class IndexWorker:
         self._setup = (eos, pieces, memory_limit)
         self._memory_limit = memory_limit
         self._process: subprocess.Popen[bytes] | None = None
+        self._building = threading.Lock()  # one build at a time, whichever thread asks
+        self._state = threading.Lock()  # guards _current, _process's kill, abandoned tickets
+        self._current: threading.Event | None = None
 
-    def build(self, regex: str, budget_s: float) -> Any:
+    def build(self, regex: str, budget_s: float, abandoned: threading.Event | None = None) -> Any:
+        """The index for `regex`; blocks the calling thread. Setting `abandoned` (through `abandon`) ends it early."""
+        ticket = abandoned if abandoned is not None else threading.Event()
+        with self._building:
+            with self._state:
+                if ticket.is_set():
+                    raise CompileAbandoned
+                self._current = ticket
+            try:
+                return self._build(regex, budget_s, ticket)
+            except (CompileRefused, BackendUnavailable, BrokenPipeError):
+                if ticket.is_set():  # killed on purpose: not the constraint's fault, nothing to remember
+                    self.stop()
+                    raise CompileAbandoned from None
+                raise
+            finally:
+                with self._state:
+                    self._current = None
+
+    def abandon(self, ticket: threading.Event) -> None:
+        """Give up a build from any thread: one not started never starts, a running one's process is killed.
+
+        The next build starts a fresh process (a few seconds to load the vocabulary) rather than trusting a pipe
+        that may hold half a reply.
+        """
+        with self._state:
+            ticket.set()
+            if self._current is ticket and self._process is not None:
+                self._process.kill()  # the build's read sees end of file at once
+
+    def _build(self, regex: str, budget_s: float, ticket: threading.Event) -> Any:
+        if self._process is not None and self._process.poll() is not None:
+            self.stop()  # killed by an abandon that came after its build had already finished
         process = self._process or self._start()
+        if ticket.is_set():  # abandoned while the process started
+            raise CompileAbandoned
         assert process.stdin is not None and process.stdout is not None
         _send(process.stdin, regex)
         if not select.select([process.stdout], [], [], budget_s)[0]:
@@ -100,13 +142,14 @@ class IndexWorker:
         return process
 
     def stop(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            for stream in (self._process.stdin, self._process.stdout):
+        with self._state:
+            process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait()
+            for stream in (process.stdin, process.stdout):
                 if stream is not None:
                     stream.close()
-            self._process = None
 
 
 def serve_indexes() -> None:

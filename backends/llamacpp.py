@@ -18,7 +18,7 @@ from pydantic import Field
 from backends import llamacpp_translate as translate
 from backends.base import Capabilities, GenerationRequest, Payload
 from backends.constraint import constraint_from_request
-from backends.constraint_compiler import ConstraintCompiler
+from backends.constraint_compiler import ConstrainedProcessor, ConstraintCompiler
 from backends.errors import BackendUnavailable, ContextLengthExceeded, InternalError, TiergateError
 from backends.gate import FifoGate
 from backends.llamacpp_decode import Finish, Piece, decode
@@ -58,6 +58,11 @@ class LlamaCppSettings(StrictSettings):
         10.0, gt=0, description="Longest a response_format / guided_* constraint may take to compile; beyond: 400."
     )
     constraint_cache: int = Field(32, ge=1, description="Compiled constraints kept per model (least recently used go).")
+    constraint_compiles: int = Field(
+        2,
+        ge=1,
+        description="Constraint compiles admitted at once for this model (one runs, the rest wait); beyond: 503.",
+    )
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults, description="Defaults for sampling knobs.")
     price: PriceSettings = Field(default_factory=PriceSettings, description="What a token costs here.")
 
@@ -79,6 +84,8 @@ class LlamaCppBackend:
         self.fingerprint = ""
         self._llama: Any = None
         self._constraints: ConstraintCompiler | None = None
+        self._ready = False  # set last by _load: the model is loaded and constrained decoding proved to work
+        self._load_error: str | None = None
         self._chat_formatter: Any = None
         self._gate = FifoGate(name, settings.max_queue)
         self._sampled_tokens = 0  # lifetime count, shown by /readyz; proves a cancelled decode stopped
@@ -89,10 +96,11 @@ class LlamaCppBackend:
         return self._gate
 
     def ready(self) -> bool:
-        return self._llama is not None and self._constraints is not None  # loaded and self-tested
+        return self._ready
 
     def status(self) -> dict[str, Any]:
         return {
+            "error": self._load_error,
             "busy": self._gate.busy,
             "waiting": self._gate.waiting,
             "sampled_tokens": self._sampled_tokens,
@@ -101,7 +109,11 @@ class LlamaCppBackend:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
+        try:
+            await loop.run_in_executor(self._executor, self._load)
+        except Exception as error:
+            self._load_error = error.message if isinstance(error, TiergateError) else f"{type(error).__name__}: {error}"
+            raise
 
     def _load(self) -> None:
         from llama_cpp import Llama
@@ -136,26 +148,53 @@ class LlamaCppBackend:
             )
 
         # Outlines drops out silently when its processor fails inside llama.cpp's sampler (numba missing):
-        # prove a constrained generation really is constrained before serving.
-        self._constraints = ConstraintCompiler(
-            self._llama, max_compile_s=self.settings.constraint_compile_s, cache_size=self.settings.constraint_cache
-        )
-        self._constraints.self_test()
+        # prove a constrained generation really is constrained before serving. A model that cannot keep
+        # response_format would answer constrained requests with free text, so it is not served at all:
+        # the load fails with the reason (shown by /readyz) and the weights are freed.
+        try:
+            compiler = ConstraintCompiler(
+                self._llama,
+                name=self.name,
+                max_compile_s=self.settings.constraint_compile_s,
+                cache_size=self.settings.constraint_cache,
+                max_compiles=self.settings.constraint_compiles,
+            )
+        except TiergateError as error:
+            self._unload()
+            raise BackendUnavailable(self._self_test_failed(error.message)) from error
+        try:
+            compiler.self_test()
+        except TiergateError as error:
+            compiler.close()
+            self._unload()
+            raise BackendUnavailable(self._self_test_failed(error.message)) from error
+        self._constraints = compiler
+        self._ready = True
+
+    def _self_test_failed(self, reason: str) -> str:
+        failed = f"backend '{self.name}': the constrained-decoding self-test failed"
+        return f"{failed}, so the model is not served: {reason}"
+
+    def _unload(self) -> None:
+        if self._llama is not None:
+            self._llama.close()
+            self._llama = None
 
     async def aclose(self) -> None:
+        self._ready = False
         self._executor.shutdown(wait=True)
         if self._constraints is not None:
             self._constraints.close()
             self._constraints = None
-        if self._llama is not None:
-            self._llama.close()
-            self._llama = None
+        self._unload()
 
     def check(self, request: GenerationRequest) -> None:
         if isinstance(request, ChatRequest):
             translate.check_chat(request, self.name, logprobs=self.settings.logprobs)
         else:
             translate.check_completion(request, self.name, logprobs=self.settings.logprobs)
+        if self._llama is not None:
+            translate.check_token_ids(request, self._llama.n_vocab())
         constraint_from_request(request)  # refuse unsafe schemas and patterns before the request queues
 
     # --- running the token loop in the worker thread ---
@@ -207,10 +246,7 @@ class LlamaCppBackend:
                     self.settings.sampling.model_dump(),
                     max_tokens=self._max_tokens(_requested_tokens(request)),
                 )
-                constraint = constraint_from_request(request)
-                processor = None
-                if constraint is not None and self._constraints is not None:
-                    processor = self._constraints.processor(constraint)  # compiled once per schema, then cached
+                if processor is not None:
                     # first, so that logit_bias (appended by decode) cannot bring back forbidden tokens
                     params = dataclasses.replace(params, logits_processors=(processor, *params.logits_processors))
                 for item in decode(self._llama, tokens, params, stop_requested):
@@ -222,8 +258,15 @@ class LlamaCppBackend:
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
-        if self._llama is None:
+        if not self._ready or self._constraints is None:
+            if self._load_error is not None:
+                raise BackendUnavailable(self._load_error)
             raise BackendUnavailable(f"backend '{self.name}' is not loaded yet", retry_after=5)
+        processor: ConstrainedProcessor | None = None
+        if (constraint := constraint_from_request(request)) is not None:
+            # Before the gate and off the decode thread: a slow compile must not hold the model for others,
+            # and a client that goes away cancels it (ConstraintCompiler.compile).
+            processor = await self._constraints.compile(constraint)
         async with self._gate.hold():
             job = loop.run_in_executor(self._executor, work)
             try:
@@ -304,7 +347,7 @@ class LlamaCppBackend:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Payload]:
         chat = isinstance(request, ChatRequest)
         prompt = None if chat else translate.prompts_of(request)[0]  # type: ignore[arg-type]
-        frame = _StreamFrame(request, self.fingerprint, chat)
+        frame = translate.StreamFrame(request, self.fingerprint, chat)
         opened = False
         async for item in self._pieces(request, prompt):
             if not opened:
@@ -325,32 +368,6 @@ class LlamaCppBackend:
                         translate.chat_logprobs(item.logprobs) if chat else translate.text_logprobs(item.logprobs, 0)
                     )
                 yield frame.chunk({"content": item.text} if chat else item.text, None, logprobs)
-
-
-class _StreamFrame:
-    """The fields every chunk of one stream shares."""
-
-    def __init__(self, request: GenerationRequest, fingerprint: str, chat: bool) -> None:
-        self.chat = chat
-        self.with_usage = request.include_usage()
-        self.base = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": request.model,
-            "system_fingerprint": fingerprint,
-        }
-
-    def chunk(self, delta: Any, finish_reason: str | None, logprobs: Any) -> Payload:
-        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
-        choice["delta" if self.chat else "text"] = delta
-        payload: Payload = {**self.base, "choices": [choice]}
-        if self.with_usage:
-            payload["usage"] = None
-        return payload
-
-    def usage_chunk(self, usage: dict[str, int]) -> Payload:
-        return {**self.base, "choices": [], "usage": usage}
 
 
 def _requested_tokens(request: GenerationRequest) -> int | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
-from backends.errors import Unsupported
+from backends.errors import BadRequest, Unsupported
 from backends.llamacpp_decode import DecodeParams, TokenLogprob
 from backends.protocol import ChatRequest, CompletionRequest, Message
 
@@ -64,6 +66,24 @@ def check_completion(request: CompletionRequest, backend: str, *, logprobs: bool
         raise Unsupported(f"backend '{backend}' cannot return logprobs of echoed prompts", param="echo")
     if request.stream and len(prompts_of(request)) > 1:
         raise Unsupported("streaming takes one prompt; send a list of prompts without stream", param="prompt")
+
+
+def check_token_ids(request: ChatRequest | CompletionRequest, n_vocab: int) -> None:
+    """Refuse token ids this model does not have: llama.cpp would read past its vocabulary or its logits."""
+    valid = f"outside this model's vocabulary (0 to {n_vocab - 1})"
+    for key in request.logit_bias or {}:
+        token = int(key) if key.isascii() and key.isdigit() else -1  # "²".isdigit() too, but int() refuses it
+        if not 0 <= token < n_vocab:
+            raise BadRequest(f"logit_bias: token id {key} is {valid}", param="logit_bias")
+    if isinstance(request, ChatRequest) or isinstance(request.prompt, str) or not request.prompt:
+        return
+    nested = isinstance(request.prompt[0], list)
+    for index, prompt in enumerate(prompts_of(request)):
+        if isinstance(prompt, list):
+            for position, token in enumerate(prompt):
+                if not 0 <= token < n_vocab:
+                    place = f"prompt[{index}][{position}]" if nested else f"prompt[{position}]"
+                    raise BadRequest(f"{place}: token id {token} is {valid}", param="prompt")
 
 
 def prompts_of(request: CompletionRequest) -> list[str | list[int]]:
@@ -159,3 +179,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+class StreamFrame:
+    """The fields every chunk of one stream shares."""
+
+    def __init__(self, request: ChatRequest | CompletionRequest, fingerprint: str, chat: bool) -> None:
+        self.chat = chat
+        self.with_usage = request.include_usage()
+        self.base = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": request.model,
+            "system_fingerprint": fingerprint,
+        }
+
+    def chunk(self, delta: Any, finish_reason: str | None, logprobs: Any) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice["delta" if self.chat else "text"] = delta
+        payload: dict[str, Any] = {**self.base, "choices": [choice]}
+        if self.with_usage:
+            payload["usage"] = None
+        return payload
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self.base, "choices": [], "usage": usage}
