@@ -247,7 +247,8 @@ def _time_bounded(validator_class: Any) -> Any:
         try:
             found = regex.search(expected, instance, timeout=MATCH_TIMEOUT_S)
         except TimeoutError:
-            yield ValidationError(f"{_clip(instance)} could not be matched against {expected!r} in {MATCH_TIMEOUT_S:g} s")
+            reason = f"{_clip(instance)} could not be matched against {expected!r} in {MATCH_TIMEOUT_S:g} s"
+            yield ValidationError(reason)
             return
         if found is None:
             yield ValidationError(f"{instance!r} does not match {expected!r}")

@@ -1,4 +1,4 @@
-"""JSON schema to the regex Outlines compiles: Outlines' own translation, plus the bounds and free values it leaves out."""
+"""JSON schema to the regex Outlines compiles: Outlines' translation, plus the bounds and free values it leaves out."""
 
 from __future__ import annotations
 
