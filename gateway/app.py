@@ -19,18 +19,10 @@ from backends.base import Backend, Embedder
 from backends.errors import BadRequest, NotFound, TiergateError
 from gateway.http import error_response, json_response
 from gateway.openai_routes import Gateway, gateway_of, routes
-from router.engine import Router
+from router.runtime import Runtime, RuntimeRef
 from router.table import RoutingTable
 
 log = logging.getLogger("tiergate")
-
-
-def build_backends(table: RoutingTable) -> dict[str, Backend]:
-    return {name: settings.create(name) for name, settings in table.backends.items() if name not in table.disabled}
-
-
-def build_embedders(table: RoutingTable) -> dict[str, Embedder]:
-    return {name: settings.create(name) for name, settings in table.embedders.items()}
 
 
 async def _start_all(parts: Mapping[str, Backend | Embedder], failures: dict[str, str]) -> None:
@@ -55,9 +47,8 @@ def create_app(
     backends: Mapping[str, Backend] | None = None,
     embedders: Mapping[str, Embedder] | None = None,
 ) -> FastAPI:
-    generation = dict(backends) if backends is not None else build_backends(table)
-    embedding = dict(embedders) if embedders is not None else build_embedders(table)
-    every: dict[str, Backend | Embedder] = {**generation, **embedding}
+    runtime = Runtime.create(table, backends, embedders)
+    every: dict[str, Backend | Embedder] = runtime.parts()
     failures: dict[str, str] = {}
 
     @contextlib.asynccontextmanager
@@ -74,7 +65,7 @@ def create_app(
                 await part.aclose()
 
     app = FastAPI(title="tiergate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.gateway = Gateway(table, Router(table, generation, embedding), time.time())
+    app.state.gateway = Gateway(RuntimeRef(runtime), time.time())
     app.state.load_failures = failures
 
     async def healthz(request: Request) -> Response:
@@ -91,7 +82,7 @@ def create_app(
         body = {
             "status": "ready" if ready else "loading",
             "backends": status,
-            "circuits": gateway_of(request).router.breaker_states(),
+            "circuits": gateway_of(request).runtime.breaker_states(),
         }
         return json_response(body, 200 if ready else 503)
 
