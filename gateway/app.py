@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from backends.base import Backend, Embedder
 from backends.errors import BadRequest, NotFound, TiergateError
-from gateway.http import error_response, json_response
+from gateway.http import HeaderLimit, error_response, json_response
 from gateway.openai_routes import Gateway, gateway_of, routes
 from router.runtime import Runtime, RuntimeRef
 from router.table import RoutingTable
@@ -101,4 +101,5 @@ def create_app(
         return error_response(error)
 
     app.add_exception_handler(HTTPException, http_error)
+    app.add_middleware(HeaderLimit, limit=table.server.max_header_bytes)
     return app

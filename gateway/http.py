@@ -1,8 +1,9 @@
-"""HTTP plumbing: bounded body reads, strict parsing into OpenAI shapes, JSON and error responses."""
+"""HTTP plumbing: bounded headers and bodies, strict parsing into OpenAI shapes, safe headers, JSON and errors."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -10,20 +11,73 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backends.errors import BadRequest, BodyTooLarge, TiergateError
 
 Model = TypeVar("Model", bound=BaseModel)
 T = TypeVar("T")
 
+CLIPPED = "..."
+_PIECES = re.compile(r"%[0-9A-Fa-f]{2}|.", re.DOTALL)  # an escape already made stays one piece
+_LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# Every response header value is made safe at the edge with this bound; callers may clip shorter.
+HEADER_VALUE_LIMIT = 1024
+
 
 class ClientGone(Exception):
     """The client closed the connection; nothing is left to answer."""
 
 
+class HeadersTooLarge(BadRequest):
+    status = 431
+    code = "request_header_too_large"
+
+
+def header_value(text: str, limit: int = 200) -> str:
+    """Any text as a safe, short header value: readable again with `urllib.parse.unquote`.
+
+    Non-ASCII characters and a "%" that starts no escape are percent-encoded as UTF-8 (a header carries
+    Latin-1 at best, and servers refuse what is not); control characters become spaces, so a CR/LF in a
+    reason cannot start a header of its own; the result is at most `limit` characters, ending in "..."
+    when clipped. Its own output passes unchanged, so the edge can apply it to headers made with it.
+    """
+    plain = len(text) <= limit and text.isascii() and text.isprintable()
+    if plain and ("%" not in text or _LONE_PERCENT.search(text) is None):
+        return text  # the common case, on the hot path
+    pieces: list[str] = []
+    size = 0
+    for found in _PIECES.finditer(text):
+        piece = _escaped(found.group())
+        if size + len(piece) > limit:
+            return _clipped(pieces, size, limit)
+        pieces.append(piece)
+        size += len(piece)
+    return "".join(pieces)
+
+
+def _clipped(pieces: list[str], size: int, limit: int) -> str:
+    room = limit - len(CLIPPED)
+    while pieces and size > room:  # whole pieces only: an escape is never cut in half
+        size -= len(pieces.pop())
+    return "".join(pieces) + CLIPPED[:limit]
+
+
+def _escaped(char: str) -> str:
+    if len(char) == 3 or (" " <= char <= "~" and char != "%"):
+        return char
+    if char < " " or char == "\x7f":
+        return " "
+    return "".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+
+
+def safe_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {name: header_value(value, HEADER_VALUE_LIMIT) for name, value in headers.items()}
+
+
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, headers=headers, media_type="application/json")
+    safe = safe_headers(headers) if headers else None
+    return Response(orjson.dumps(payload), status_code=status, headers=safe, media_type="application/json")
 
 
 def error_response(error: TiergateError) -> Response:
@@ -108,3 +162,25 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     raise ClientGone()
+
+
+class HeaderLimit:
+    """Refuses a request whose head (path, query and headers, Authorization included) exceeds `limit` bytes.
+
+    ASGI middleware, so it holds under any server uvicorn is started with (`uvicorn --factory` included):
+    the request is refused with 431 before routing, authentication or reading the body.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
+            size += sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # ": " and CRLF
+            if size > self.limit:
+                error = HeadersTooLarge(f"request headers are {size} bytes; the limit is {self.limit}")
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import orjson
@@ -12,8 +13,9 @@ from starlette.types import Receive, Scope, Send
 
 from backends.base import Payload
 from backends.errors import DeadlineExceeded, InternalError, TiergateError
-from gateway.http import wait_for_disconnect
+from gateway.http import header_value, safe_headers, wait_for_disconnect
 
+log = logging.getLogger("tiergate")
 DONE = b"data: [DONE]\n\n"
 
 
@@ -32,15 +34,16 @@ class EventStream(Response):
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
-            *((name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()),
+            *((name.encode("latin-1"), value.encode("latin-1")) for name, value in safe_headers(headers).items()),
         ]
+        self.backend = headers.get("x-tiergate-backend", "?")  # for the log line of a stream that breaks
         self.first = first
         self.rest = rest
         self.deadline = deadline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        pump = asyncio.ensure_future(self._pump(send))
+        pump = asyncio.ensure_future(self._pump(send, scope["path"]))
         watcher = asyncio.ensure_future(wait_for_disconnect(receive))
         try:
             await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -51,7 +54,9 @@ class EventStream(Response):
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await pump
 
-    async def _pump(self, send: Send) -> None:
+    async def _pump(self, send: Send, path: str) -> None:
+        # The status line is gone: a failure can only end the stream with an error event, so it is logged
+        # here (what failed and where; never the prompt, and the message clipped as a header would be).
         try:
             await send({"type": "http.response.body", "body": event(self.first), "more_body": True})
             async with asyncio.timeout_at(self.deadline):
@@ -59,10 +64,14 @@ class EventStream(Response):
                     await send({"type": "http.response.body", "body": event(chunk), "more_body": True})
             closing = DONE
         except TimeoutError:
+            log.warning("stream failed mid-way on %s from backend %s: the deadline passed", path, self.backend)
             closing = event(DeadlineExceeded("the request deadline passed mid-stream").to_body())
         except TiergateError as error:
+            kind, shown = type(error).__name__, header_value(error.message)
+            log.warning("stream failed mid-way on %s from backend %s: %s: %s", path, self.backend, kind, shown)
             closing = event(error.to_body())
         except Exception as error:
+            log.exception("stream failed mid-way on %s from backend %s", path, self.backend)
             closing = event(InternalError(f"stream failed: {type(error).__name__}").to_body())
         finally:
             aclose = getattr(self.rest, "aclose", None)

@@ -29,6 +29,12 @@ class ServerSettings(Section):
         300.0, gt=0, description="Overall deadline for one request, queueing and generation included."
     )
     log_prompts: bool = Field(False, description="Include prompt text in request logs (off: never logged).")
+    max_header_bytes: int = Field(
+        16_384,
+        ge=1024,
+        description="Largest request head (path, query and all headers, Authorization included, in bytes); "
+        "larger ones get 431 before routing or authentication.",
+    )
 
 
 class ReliabilitySettings(Section):
