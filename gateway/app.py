@@ -1,13 +1,17 @@
-"""The application factory: routes, health, lifespan (model loading) — all state on app.state."""
+"""The application factory: routes, health, lifespan (model loading) — all state on app.state.
+
+`create_app(table)` for code and tests; `app_from_env` for an import string (`uvicorn --factory
+gateway.app:app_from_env`, and `tiergate serve`), so that worker processes can each build their own app.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
@@ -17,15 +21,24 @@ from starlette.routing import Route
 
 from backends.base import Backend, Embedder
 from backends.errors import BadRequest, NotFound, TiergateError
+from gateway.health import Health
 from gateway.http import HeaderLimit, error_response, json_response
 from gateway.openai_routes import Gateway, gateway_of, routes
+from router.loader import DEFAULT_POLICY, load_policy
 from router.runtime import Runtime, RuntimeRef
-from router.table import RoutingTable
+from router.table import RoutingTable, compile_policy
 
 log = logging.getLogger("tiergate")
 
 
-async def _start_all(parts: Mapping[str, Backend | Embedder], failures: dict[str, str]) -> None:
+async def _start_all(parts: Mapping[str, Backend | Embedder], health: Health) -> None:
+    try:
+        await _start_each(parts, health.failures)
+    finally:
+        health.loading_done = True
+
+
+async def _start_each(parts: Mapping[str, Backend | Embedder], failures: dict[str, str]) -> None:
     async def start(name: str, part: Backend | Embedder) -> None:
         began = time.perf_counter()
         try:
@@ -46,14 +59,16 @@ def create_app(
     *,
     backends: Mapping[str, Backend] | None = None,
     embedders: Mapping[str, Embedder] | None = None,
+    admin_key: str | None = None,
 ) -> FastAPI:
+    """The gateway for `table`; `admin_key` (a bearer token) unlocks the details of /readyz."""
     runtime = Runtime.create(table, backends, embedders)
     every: dict[str, Backend | Embedder] = runtime.parts()
-    failures: dict[str, str] = {}
+    health = Health({}, admin_key or None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_start_all(every, failures))
+        loading = asyncio.create_task(_start_all(every, health))
         app.state.loading = loading
         try:
             yield
@@ -66,25 +81,13 @@ def create_app(
 
     app = FastAPI(title="tiergate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = Gateway(RuntimeRef(runtime), time.time())
-    app.state.load_failures = failures
+    app.state.health = health
 
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        status: dict[str, Any] = {}
-        for name, part in every.items():
-            state = "ready" if part.ready() else failures.get(name, "loading")
-            status[name] = {"state": state, **part.status()}
-        for name, reason in gateway_of(request).table.disabled.items():
-            status[name] = {"state": f"disabled: {reason}"}
-        ready = all(part.ready() for part in every.values())
-        body = {
-            "status": "ready" if ready else "loading",
-            "backends": status,
-            "circuits": gateway_of(request).runtime.breaker_states(),
-        }
-        return json_response(body, 200 if ready else 503)
+        return health.answer(request, gateway_of(request).runtime)
 
     app.router.routes.extend(
         [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *routes()]
@@ -103,3 +106,9 @@ def create_app(
     app.add_exception_handler(HTTPException, http_error)
     app.add_middleware(HeaderLimit, limit=table.server.max_header_bytes)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app for the policy at $TIERGATE_POLICY (default policies/default.yaml), admin key $TIERGATE_ADMIN_KEY."""
+    table = compile_policy(load_policy(os.environ.get("TIERGATE_POLICY", DEFAULT_POLICY)))
+    return create_app(table, admin_key=os.environ.get("TIERGATE_ADMIN_KEY") or None)

@@ -11,10 +11,10 @@ import queue
 import sys
 from pathlib import Path
 
-from router.loader import PolicyError, load_policy
+from router.loader import DEFAULT_POLICY, PolicyError, load_policy
 from router.table import RoutingTable, compile_policy
 
-DEFAULT_POLICY = "policies/default.yaml"
+APP_FACTORY = "gateway.app:app_from_env"  # what `uvicorn --factory` starts; each worker builds its own app
 
 
 def load_table(path: str) -> RoutingTable:
@@ -40,13 +40,14 @@ models: {", ".join(table.routes)}
 
 
 def serve(args: argparse.Namespace) -> int:
-    table = load_table(args.policy)
+    table = load_table(args.policy)  # policy errors are reported here, before the server starts
+    os.environ["TIERGATE_POLICY"] = args.policy  # the factory (in this or a worker process) reads it
     host = args.host or table.server.host
     port = args.port if args.port is not None else table.server.port
     listener = log_off_the_hot_path(os.environ.get("TIERGATE_LOG_LEVEL", "INFO"))
     print(banner(table, host, port), flush=True)
     try:
-        run_server(table, host, port)
+        run_server(host, port, table.server.max_header_bytes)
     finally:
         listener.stop()
     return 0
@@ -65,19 +66,21 @@ def log_off_the_hot_path(level: str) -> logging.handlers.QueueListener:
     return listener
 
 
-def run_server(table: RoutingTable, host: str, port: int) -> None:
+def run_server(host: str, port: int, max_header_bytes: int) -> None:
     import uvicorn
 
-    from gateway.app import create_app
-
     uvicorn.run(
-        create_app(table),
+        APP_FACTORY,
+        factory=True,
         host=host,
         port=port,
         access_log=False,
         log_level="warning",
         loop="uvloop",
+        # httptools (faster than h11) has no header size limit of its own; the app's HeaderLimit refuses
+        # oversized heads with 431 under any server. h11 would stop them while reading, if chosen.
         http="httptools",
+        h11_max_incomplete_event_size=max_header_bytes,
         timeout_graceful_shutdown=10,
         log_config=None,  # keep the root logger's queue handler
     )

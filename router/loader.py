@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from router.policy import Policy
 
+DEFAULT_POLICY = "policies/default.yaml"  # the embedded local cascade, when no policy is named
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 Location = tuple[str | int, ...]

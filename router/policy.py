@@ -35,6 +35,12 @@ class ServerSettings(Section):
         description="Largest request head (path, query and all headers, Authorization included, in bytes); "
         "larger ones get 431 before routing or authentication.",
     )
+    readyz_details: bool = Field(
+        False,
+        description="Serve /readyz details (backends, upstream URLs, load errors, circuits) to anyone when "
+        "TIERGATE_ADMIN_KEY is not set. With an admin key set, details always need 'Authorization: Bearer "
+        "<admin key>'; without either, /readyz says only its status.",
+    )
 
 
 class ReliabilitySettings(Section):

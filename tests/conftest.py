@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from openai import OpenAI
 from tests.upstream import UpstreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY = "test-admin-key"  # every test server gets it as TIERGATE_ADMIN_KEY: /readyz details need it
 
 
 def free_port() -> int:
@@ -43,9 +45,14 @@ class Server:
         self.clients.append(made)
         return made
 
+    def readiness(self) -> dict[str, Any]:
+        """The admin's /readyz: backends with their state and figures, models, circuits."""
+        response = httpx.get(f"{self.url}/readyz", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=5)
+        body: dict[str, Any] = response.json()
+        return body
+
     def status(self, backend: str) -> dict[str, object]:
-        body = httpx.get(f"{self.url}/readyz", timeout=5).json()
-        found: dict[str, object] = body["backends"][backend]
+        found: dict[str, object] = self.readiness()["backends"][backend]
         return found
 
 
@@ -57,7 +64,7 @@ def start_server(policy: Path, log: Path, env: dict[str, str] | None = None, rea
             cwd=ROOT,
             stdout=handle,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "TIERGATE_ADMIN_KEY": ADMIN_KEY, **(env or {})},
         )
     server = Server(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + ready_within
