@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-import httpx
 import pytest
 from openai import OpenAI
 
@@ -129,5 +128,5 @@ def test_intent_routes_pick_the_nearest_intent(client: OpenAI, gateway: Server) 
     )
     assert other.headers["x-tiergate-intent"].startswith("default=")
     assert other.headers["x-tiergate-backend"] == "small"
-    status = httpx.get(f"{gateway.url}/readyz").json()
+    status = gateway.readiness()
     assert status["backends"]["minilm"]["state"] == "ready"

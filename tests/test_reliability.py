@@ -128,13 +128,13 @@ def test_breaker_opens_rejects_fast_then_probes(client: OpenAI, upstream: Upstre
     assert caught.value.response.headers["retry-after"] == "1"
     assert time.monotonic() - began < 0.5
     assert upstream.attempts("fragile") == 3  # rejected without reaching the upstream
-    assert httpx.get(f"{gateway.url}/readyz").json()["circuits"]["fragile"] == "open"
+    assert gateway.readiness()["circuits"]["fragile"] == "open"
     time.sleep(1.1)
     upstream.app.reset()
     upstream.plan("fragile", default=Behaviour())
     _, attempts = attempts_header(client, "breaker")  # the probe succeeds
     assert attempts == "fragile:ok"
-    assert httpx.get(f"{gateway.url}/readyz").json()["circuits"]["fragile"] == "closed"
+    assert gateway.readiness()["circuits"]["fragile"] == "closed"
 
 
 def test_the_model_deadline_gives_504(client: OpenAI, upstream: UpstreamServer) -> None:
@@ -189,7 +189,7 @@ def test_backend_with_an_unset_key_is_disabled_with_a_clear_503(client: OpenAI, 
         client.chat.completions.create(model="keyed", messages=HELLO)  # type: ignore[arg-type]
     assert caught.value.status_code == 503
     assert "TIERGATE_TEST_UNSET_KEY" in str(caught.value)
-    status = httpx.get(f"{gateway.url}/readyz").json()["backends"]["keyed"]
+    status = gateway.readiness()["backends"]["keyed"]
     assert status["state"] == "disabled: environment variable TIERGATE_TEST_UNSET_KEY is not set"
 
 
