@@ -80,27 +80,43 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
         except Exception:
             log.exception("unhandled error on %s", request.scope["path"])
             response = error_response(InternalError("internal error; see the gateway log"))
-        if log.isEnabledFor(logging.INFO):
-            log.info(
-                orjson.dumps(
-                    {
-                        "path": request.scope["path"],
-                        "status": response.status_code,
-                        "ms": round((time.perf_counter() - began) * 1000, 2),
-                        "request_id": context.request_id,
-                        **({"attempts": context.attempts()} if context.trace else {}),
-                        **{
-                            key[11:]: value
-                            for key, value in response.headers.items()
-                            if key.startswith("x-tiergate-") and key != "x-tiergate-attempts"
-                        },
-                        **({"prompt": request.state.prompt} if hasattr(request.state, "prompt") else {}),
-                    }
-                ).decode()
-            )
+        if isinstance(response, EventStream):
+            response.on_end = lambda ended: _access_line(request, response, began, context, ended)
+        else:
+            _access_line(request, response, began, context)
         return response
 
     return endpoint
+
+
+def _access_line(
+    request: Request, response: Response, began: float, context: RequestContext, ended: str | None = None
+) -> None:
+    """One JSON line per request (never the prompt unless `server.log_prompts`, never a key); a stream's is
+    written when it ends, with the streamed tier's cost included."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    record: dict[str, Any] = {
+        "path": request.scope["path"],
+        "status": response.status_code,
+        "ms": round((time.perf_counter() - began) * 1000, 2),
+        "request_id": context.request_id,
+    }
+    if context.trace:
+        record["attempts"] = context.attempts()
+    for key, value in response.headers.items():
+        if key.startswith("x-tiergate-") and key != "x-tiergate-attempts":
+            record[key[11:]] = value
+    stream: Stream | None = getattr(request.state, "stream", None)
+    if ended is not None:
+        record["stream"] = ended
+        if stream is not None:
+            record["cost-usd"] = f"{stream.costs.total_usd:.8f}"
+            if ended == "done":  # an unfinished stream has no usage: no saving to claim
+                record["saved-usd"] = f"{stream.costs.saved_usd:.8f}"
+    if hasattr(request.state, "prompt"):
+        record["prompt"] = request.state.prompt
+    log.info(orjson.dumps(record).decode())
 
 
 def transparency(answer: Answer | Stream, context: RequestContext, began: float) -> dict[str, str]:
@@ -137,6 +153,7 @@ async def _generation(request: Request, schema: type[ChatRequest] | type[Complet
     # The router enforces the model's deadline on every attempt (queueing included).
     if parsed.stream:
         stream = await unless_disconnected(request.receive, engine.stream(runtime, parsed, context))
+        request.state.stream = stream
         return EventStream(stream.first, stream.chunks, stream.deadline, transparency(stream, context, began))
     answer = await unless_disconnected(request.receive, engine.generate(runtime, parsed, context))
     return json_response(answer.payload, headers=transparency(answer, context, began))

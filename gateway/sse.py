@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 from starlette.responses import Response
@@ -40,6 +40,10 @@ class EventStream(Response):
         self.first = first
         self.rest = rest
         self.deadline = deadline
+        # Called once when the stream is over, with how it ended ("done", "client_closed", "deadline_exceeded" or
+        # an error code): the access log line of a stream is written then, with its complete cost.
+        self.on_end: Callable[[str], None] | None = None
+        self.ended = "client_closed"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -53,6 +57,8 @@ class EventStream(Response):
                 pump.cancel()  # the client left: stop generating, free the model
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await pump
+            if self.on_end is not None:
+                self.on_end(self.ended)
 
     async def _pump(self, send: Send, path: str) -> None:
         # The status line is gone: a failure can only end the stream with an error event, so it is logged
@@ -62,19 +68,21 @@ class EventStream(Response):
             async with asyncio.timeout_at(self.deadline):
                 async for chunk in self.rest:
                     await send({"type": "http.response.body", "body": event(chunk), "more_body": True})
-            closing = DONE
+            closing, ended = DONE, "done"
         except TimeoutError:
             log.warning("stream failed mid-way on %s from backend %s: the deadline passed", path, self.backend)
-            closing = event(DeadlineExceeded("the request deadline passed mid-stream").to_body())
+            closing, ended = event(DeadlineExceeded("the request deadline passed mid-stream").to_body()), "deadline"
         except TiergateError as error:
             kind, shown = type(error).__name__, header_value(error.message)
             log.warning("stream failed mid-way on %s from backend %s: %s: %s", path, self.backend, kind, shown)
-            closing = event(error.to_body())
+            closing, ended = event(error.to_body()), error.code or kind
         except Exception as error:
             log.exception("stream failed mid-way on %s from backend %s", path, self.backend)
             closing = event(InternalError(f"stream failed: {type(error).__name__}").to_body())
+            ended = "internal_error"
         finally:
             aclose = getattr(self.rest, "aclose", None)
             if aclose is not None:
                 await aclose()
         await send({"type": "http.response.body", "body": closing, "more_body": False})
+        self.ended = ended
