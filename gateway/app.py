@@ -76,6 +76,8 @@ def create_app(
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
+            for learner in gateway_of_app(app).runtime.learners.values():
+                await learner.drain()  # no refit left running against a closed loop
             for part in every.values():
                 await part.aclose()
 
@@ -106,6 +108,11 @@ def create_app(
     app.add_exception_handler(HTTPException, http_error)
     app.add_middleware(HeaderLimit, limit=table.server.max_header_bytes)
     return app
+
+
+def gateway_of_app(app: FastAPI) -> Gateway:
+    gateway: Gateway = app.state.gateway
+    return gateway
 
 
 def app_from_env() -> FastAPI:
