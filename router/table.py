@@ -12,8 +12,8 @@ from backends.registry import BackendSettings, EmbedderSettings
 from router.loader import LoadedPolicy, Location, PolicyError
 from router.policy import ModelRoute, ReliabilitySettings, ServerSettings
 from router.reliability import BreakerSettings, RetrySettings
+from router.validator_compile import problems as validator_problems
 from router.validators import Validator, build
-from router.validators import problems as validator_problems
 
 RouteKind = Literal["backend", "cascade", "embedding", "intent"]
 

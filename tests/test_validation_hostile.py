@@ -12,21 +12,13 @@ from typing import Any, ClassVar
 
 import pytest
 
+from backends.constraint import Constraint
 from backends.errors import BadRequest
 from backends.protocol import ChatRequest
-from router.validators import (
-    MATCH_TIMEOUT_S,
-    Context,
-    GroundedValidator,
-    JsonSchemaSettings,
-    JsonSchemaValidator,
-    RegexSettings,
-    RegexValidator,
-    Verdict,
-    build,
-    implied_by,
-    judge,
-)
+from backends.schema_check import MATCH_TIMEOUT_S
+from router.validator_kinds import Context, GroundedValidator, JsonSchemaValidator, RegexValidator, Verdict
+from router.validator_settings import JsonSchemaSettings, RegexSettings
+from router.validators import build, implied_by, judge
 
 NONE = Context(prompt="")
 
@@ -85,6 +77,15 @@ def test_a_schema_validator_never_fetches_a_remote_reference(intranet: tuple[str
         False,
         f"json_schema: cannot resolve $ref '{url}/p.json' (only references inside the schema are followed)",
     )
+
+
+def test_the_backend_check_never_fetches_a_remote_reference_either(intranet: tuple[str, list[str]]) -> None:
+    # Built directly, as a caller that skipped constraint_from_request would: validation itself must not fetch.
+    url, hits = intranet
+    constraint = Constraint("json_schema", {"$ref": f"{url}/integer.json"}, "response_format")
+    with pytest.raises(BadRequest, match="JSON schema reference cannot be resolved"):
+        constraint.validate("3")
+    assert hits == []
 
 
 def test_a_request_with_a_remote_reference_is_refused(intranet: tuple[str, list[str]]) -> None:

@@ -69,6 +69,22 @@ def test_a_remote_reference_is_a_compile_error() -> None:
     ]
 
 
+def test_unevaluated_properties_with_pattern_properties_is_a_compile_error() -> None:
+    # jsonschema would match the patternProperties with untimed `re` while collecting evaluated keys.
+    assert problems(
+        """
+        - type: json_schema
+          schema:
+            type: object
+            patternProperties: {"^x-": {type: string}}
+            unevaluatedProperties: false
+        """
+    ) == [
+        "p.yaml:13: models.auto.validators[0].schema.unevaluatedProperties: 'unevaluatedProperties' together with "
+        "'patternProperties' is not supported: jsonschema would match those patterns without a time bound"
+    ]
+
+
 def test_an_unknown_draft_is_a_compile_error() -> None:
     assert problems(
         """

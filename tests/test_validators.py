@@ -8,7 +8,7 @@ import pytest
 
 from backends.protocol import ChatRequest
 from router.outcomes import Outcome, OutcomeLog
-from router.validators import (
+from router.validator_kinds import (
     ChoicesValidator,
     Context,
     GroundedValidator,
@@ -18,8 +18,8 @@ from router.validators import (
     NonEmptyValidator,
     RefusalValidator,
     RegexValidator,
-    implied_by,
 )
+from router.validators import implied_by
 
 NONE = Context(prompt="")
 PERSON = {
