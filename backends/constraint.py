@@ -6,18 +6,27 @@ the router validates answers against it. Nothing here compiles anything; see bac
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import jsonschema
+import referencing.exceptions
 import regex
 
 from backends.errors import BadRequest, UpstreamError
-from backends.protocol import ChatRequest, CompletionRequest
+from backends.protocol import ChatRequest, CompletionRequest, Derived
+from backends.schema_check import (
+    MATCH_TIMEOUT_S,
+    UNTIMED_COMBINATION,
+    MatchTimeout,
+    fullmatch,
+    matches_untimed,
+    schema_draft,
+    schema_problem,
+)
 from backends.schema_regex import JSON_OBJECT_DEPTH, json_object_regex, schema_regex, walk_schema
 
 Kind = Literal["json_schema", "json_object", "regex", "choice"]
@@ -28,7 +37,6 @@ MAX_ENUM_VALUES = 256
 MAX_REPEAT = 1_000  # minLength, maxItems, {n,m} in patterns, ...: each count is a run of automaton states
 MAX_PATTERN_CHARS = 1_000
 MAX_CHOICES = 256
-MATCH_TIMEOUT_S = 0.25  # per match of a client pattern against an output: linear patterns need microseconds
 
 _COUNT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
 _REFERENCE_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
@@ -61,11 +69,16 @@ class Constraint:
     def validate(self, text: str) -> None:
         """Raise UpstreamError unless `text` satisfies the constraint (checked even when decoding was guided).
 
-        Client patterns are matched by the `regex` package with a time bound (MATCH_TIMEOUT_S per match), and
-        schema references are resolved only inside the schema: nothing is ever fetched.
+        Checked as the router checks answers (backends.schema_check): patterns under a time bound, references
+        resolved only inside the schema, nothing ever fetched.
         """
         if self.kind == "regex":
-            if _fullmatch(self.spec, text, self.param) is None:
+            try:
+                matched = fullmatch(self.spec, text)
+            except MatchTimeout:
+                reason = f"matching {_clip(text)} against the pattern took over {MATCH_TIMEOUT_S:g} s"
+                raise _violated(self.param, reason) from None
+            if not matched:
                 raise _violated(self.param, f"{_clip(text)} does not match the pattern")
             return
         if self.kind == "choice":
@@ -74,29 +87,42 @@ class Constraint:
             return
         try:
             value = json.loads(text)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise _violated(self.param, f"the output is not JSON ({error})") from error
         if self.kind == "json_object":
             if not isinstance(value, dict):
                 raise _violated(self.param, "the output is not a JSON object")
             return
-        from jsonschema import validators
-        from jsonschema.exceptions import best_match
-        from referencing import Registry
-        from referencing.exceptions import Unresolvable
-
-        validator = _time_bounded(validators.validator_for(self.spec))(self.spec, registry=Registry())
         try:
-            problem = best_match(validator.iter_errors(value))
-        except Unresolvable as error:
+            problem = schema_problem(self.spec, value)
+        except referencing.exceptions.Unresolvable as error:
             raise BadRequest(f"JSON schema reference cannot be resolved: {error}", param=self.param) from error
         if problem is not None:
-            place = "$" + "".join(f"[{part!r}]" for part in problem.absolute_path)
-            raise _violated(self.param, f"{place}: {problem.message}")
+            raise _violated(self.param, problem)
+
+
+# The request fields constraint_from_request reads: a request's cached reading holds while these are the same objects
+# (a copy of the request made with an update to one of them reads it again).
+_CONSTRAINT_FIELDS = ("response_format", "tiergate", "guided_json", "guided_regex", "guided_choice")
 
 
 def constraint_from_request(request: ChatRequest | CompletionRequest) -> Constraint | None:
-    """The one output constraint a request asks for, checked for safety; None when it asks for none."""
+    """The one output constraint a request asks for, checked for safety; None when it asks for none.
+
+    Read once per request object and kept on it: later calls return the same Constraint. A refusal is not kept
+    (it ends the request).
+    """
+    source = tuple(getattr(request, name, None) for name in _CONSTRAINT_FIELDS)
+    cached = request._constraint
+    if len(cached.source) == len(source) and all(a is b for a, b in zip(cached.source, source, strict=True)):
+        reading: Constraint | None = cached.value
+        return reading
+    constraint = _read_constraint(request)
+    request._constraint = Derived(source, constraint)
+    return constraint
+
+
+def _read_constraint(request: ChatRequest | CompletionRequest) -> Constraint | None:
     found: list[Constraint] = []
     if isinstance(request, ChatRequest) and request.response_format is not None:
         response_format = request.response_format
@@ -109,12 +135,12 @@ def constraint_from_request(request: ChatRequest | CompletionRequest) -> Constra
         found.append(_regex_constraint(options["regex"], "tiergate.regex"))
     if "choices" in options:
         found.append(_choice_constraint(options["choices"], "tiergate.choices"))
-    # vLLM's structured-output fields; read defensively so this works before and after protocol.py declares them.
-    if (guided_json := getattr(request, "guided_json", None)) is not None:
+    # vLLM's structured-output fields.
+    if (guided_json := request.guided_json) is not None:
         found.append(_schema_constraint(_parsed_schema(guided_json), "guided_json"))
-    if (guided_regex := getattr(request, "guided_regex", None)) is not None:
+    if (guided_regex := request.guided_regex) is not None:
         found.append(_regex_constraint(guided_regex, "guided_regex"))
-    if (guided_choice := getattr(request, "guided_choice", None)) is not None:
+    if (guided_choice := request.guided_choice) is not None:
         found.append(_choice_constraint(guided_choice, "guided_choice"))
     if len(found) > 1:
         raise BadRequest(
@@ -131,6 +157,8 @@ def check_schema_safety(schema: Any, param: str = "response_format") -> None:
     if size > MAX_SCHEMA_BYTES:
         raise BadRequest(f"JSON schema is too large: {size} bytes (limit {MAX_SCHEMA_BYTES})", param=param)
     _refuse_remote_references(schema, param)
+    if matches_untimed(schema):
+        raise BadRequest(f"JSON schema: {UNTIMED_COMBINATION}", param=param)
     enum_values = 0
     for path, depth, subschema in walk_schema(schema):
         if depth > MAX_SCHEMA_DEPTH:
@@ -170,19 +198,16 @@ def check_pattern_safety(pattern: Any, where: str, param: str) -> None:
             param=param,
         )
     try:
-        regex.compile(pattern)  # the engine Constraint.validate matches with
+        regex.compile(pattern)  # the engine backends.schema_check matches with
     except regex.error as error:
         raise BadRequest(f"the pattern at {where} is not a valid regular expression: {error}", param=param) from error
 
 
 def _schema_constraint(schema: Any, param: str) -> Constraint:
     check_schema_safety(schema, param)
-    from jsonschema import validators
-    from jsonschema.exceptions import SchemaError
-
     try:
-        validators.validator_for(schema).check_schema(schema)
-    except SchemaError as error:
+        schema_draft(schema).check_schema(schema)  # the draft the answer is checked with, 2020-12 when unknown
+    except jsonschema.SchemaError as error:
         raise BadRequest(f"invalid JSON schema: {error.message}", param=param) from error
     return Constraint("json_schema", schema, param)
 
@@ -226,34 +251,6 @@ def _refuse_remote_references(schema: dict[str, Any], param: str) -> None:
             pending += [(f"{path}.{key}", child) for key, child in node.items() if isinstance(child, dict | list)]
         elif isinstance(node, list):
             pending += [(f"{path}[{i}]", child) for i, child in enumerate(node) if isinstance(child, dict | list)]
-
-
-def _fullmatch(pattern: str, text: str, param: str) -> regex.Match[str] | None:
-    try:
-        return regex.fullmatch(pattern, text, timeout=MATCH_TIMEOUT_S)
-    except TimeoutError as error:
-        raise _violated(param, f"matching {_clip(text)} against the pattern took over {MATCH_TIMEOUT_S:g} s") from error
-
-
-@functools.cache
-def _time_bounded(validator_class: Any) -> Any:
-    """The schema's validator with `pattern` matched by the `regex` package under MATCH_TIMEOUT_S."""
-    from jsonschema import validators
-    from jsonschema.exceptions import ValidationError
-
-    def pattern(validator: Any, expected: str, instance: Any, schema: dict[str, Any]) -> Iterator[ValidationError]:
-        if not validator.is_type(instance, "string"):
-            return
-        try:
-            found = regex.search(expected, instance, timeout=MATCH_TIMEOUT_S)
-        except TimeoutError:
-            reason = f"{_clip(instance)} could not be matched against {expected!r} in {MATCH_TIMEOUT_S:g} s"
-            yield ValidationError(reason)
-            return
-        if found is None:
-            yield ValidationError(f"{instance!r} does not match {expected!r}")
-
-    return validators.extend(validator_class, {"pattern": pattern})
 
 
 def _repeats_a_repeat(pattern: str) -> bool:

@@ -195,7 +195,7 @@ class LlamaCppBackend:
             translate.check_completion(request, self.name, logprobs=self.settings.logprobs)
         if self._llama is not None:
             translate.check_token_ids(request, self._llama.n_vocab())
-        constraint_from_request(request)  # refuse unsafe schemas and patterns before the request queues
+        constraint_from_request(request)  # refuse unsafe ones before queueing; kept on the request for decoding
 
     # --- running the token loop in the worker thread ---
 

@@ -72,7 +72,7 @@ def check_token_ids(request: ChatRequest | CompletionRequest, n_vocab: int) -> N
     """Refuse token ids this model does not have: llama.cpp would read past its vocabulary or its logits."""
     valid = f"outside this model's vocabulary (0 to {n_vocab - 1})"
     for key in request.logit_bias or {}:
-        token = int(key) if key.isascii() and key.isdigit() else -1  # "²".isdigit() too, but int() refuses it
+        token = int(key)  # ASCII digits: the request schema refuses any other key
         if not 0 <= token < n_vocab:
             raise BadRequest(f"logit_bias: token id {key} is {valid}", param="logit_bias")
     if isinstance(request, ChatRequest) or isinstance(request.prompt, str) or not request.prompt:

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -75,6 +86,24 @@ class ResponseFormat(Strict):
         return self
 
 
+@dataclass(frozen=True, eq=False)
+class Derived:
+    """A value computed from some of a request's fields, kept on the request with the field values it came from.
+
+    Replaced, never changed: a copy of the request shares its private attributes, so an update to the copy must not
+    reach the original. Equal to any other: a cache never makes two requests unequal.
+    """
+
+    source: tuple[Any, ...] = ()
+    value: Any = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Derived)
+
+    def __hash__(self) -> int:
+        return 0
+
+
 class StreamOptions(Strict):
     include_usage: StrictBool = False
     include_obfuscation: StrictBool | None = None
@@ -97,10 +126,13 @@ class SamplingParams(Strict):
     user: StrictStr | None = None
     # tiergate's own options (extra_body={"tiergate": {...}}); later issues give it keys.
     tiergate: dict[str, Any] | None = None
-    # vLLM's structured-output fields (extra_body); backends/constrained.py takes one constraint per request.
+    # vLLM's structured-output fields (extra_body); backends/constraint.py takes one constraint per request.
     guided_json: dict[str, Any] | StrictStr | None = None
     guided_regex: StrictStr | None = None
     guided_choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    # What backends.constraint.constraint_from_request read from this request: parsed and safety-checked once per
+    # request however many layers ask (the router, the backend's check, its decode path).
+    _constraint: Derived = PrivateAttr(default_factory=Derived)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingParams:
@@ -112,7 +144,7 @@ class SamplingParams(Strict):
     @classmethod
     def _bias_keys_are_token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key in bias or {}:
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):  # "²".isdigit() is true too, and int() refuses it
                 raise ValueError(f"keys must be token ids, got {key!r}")
         return bias
 

@@ -408,7 +408,7 @@ def test_validation_catches_what_decoding_missed() -> None:
         constraint.validate('{"stars": 9}')
     assert (
         caught.value.message == "the model's output does not satisfy 'response_format': "
-        "$['stars']: 9 is greater than the maximum of 5"
+        "at stars: 9 is greater than the maximum of 5"
     )
     assert caught.value.code == "constraint_violated" and caught.value.retryable
 

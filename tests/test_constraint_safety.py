@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
-from backends.constraint import MATCH_TIMEOUT_S, Constraint, check_pattern_safety, constraint_from_request
+from backends.constraint import Constraint, check_pattern_safety, constraint_from_request
 from backends.errors import BadRequest, UpstreamError
 from backends.protocol import ChatRequest
+from backends.schema_check import MATCH_TIMEOUT_S
 
 
 def chat_request(**fields: Any) -> ChatRequest:
@@ -21,34 +19,6 @@ def chat_request(**fields: Any) -> ChatRequest:
 
 def schema_format(schema: Any) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
-
-
-class Visits(BaseHTTPRequestHandler):
-    seen: ClassVar[list[str]] = []
-
-    def do_GET(self) -> None:
-        Visits.seen.append(self.path)
-        body = b'{"type": "integer"}'
-        self.send_response(200)
-        self.send_header("content-type", "application/schema+json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def schema_host() -> Iterator[str]:
-    """A web server a remote $ref could point at; it records every fetch."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Visits)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    Visits.seen = []
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.mark.parametrize(
@@ -83,20 +53,12 @@ def test_local_references_still_work() -> None:
     constraint = constraint_from_request(chat_request(response_format=schema_format(schema)))
     assert constraint is not None
     constraint.validate('{"a": 3}')
-    with pytest.raises(UpstreamError, match=r"\$\['a'\]: 'x' is not of type 'integer'"):
+    with pytest.raises(UpstreamError, match=r"at a: 'x' is not of type 'integer'"):
         constraint.validate('{"a": "x"}')
     # A property merely named "$ref" is no reference.
     assert constraint_from_request(
         chat_request(response_format=schema_format({"type": "object", "properties": {"$ref": {"type": "string"}}}))
     )
-
-
-def test_validation_never_fetches_a_reference(schema_host: str) -> None:
-    # Built directly, as a caller that skipped constraint_from_request would: validation itself must not fetch.
-    constraint = Constraint("json_schema", {"$ref": f"{schema_host}/integer.json"}, "response_format")
-    with pytest.raises(BadRequest, match="JSON schema reference cannot be resolved"):
-        constraint.validate("3")
-    assert Visits.seen == []
 
 
 def test_pattern_matching_is_time_bounded() -> None:
@@ -115,9 +77,60 @@ def test_pattern_matching_is_time_bounded() -> None:
         Constraint("json_schema", schema, "response_format").validate(f'{{"code": "{evil}"}}')
     assert caught.value.message == (
         "the model's output does not satisfy 'response_format': "
-        f"$['code']: {evil!r} could not be matched against '^(a|a)+$' in {MATCH_TIMEOUT_S:g} s"
+        f"a pattern took over {MATCH_TIMEOUT_S:g} s to match; the answer counts as not matching"
     )
     assert time.perf_counter() - started < 4  # two timeouts; the bound is checked coarsely on a busy machine
+
+
+def test_property_name_patterns_are_time_bounded_too() -> None:
+    # Property names were matched by jsonschema's own `re`, untimed: ~13 s for this one key, doubling per two
+    # characters. The backend checks with the router's checker now (backends.schema_check).
+    slow = r"^(\d|\d\d)*$"
+    key = "1" * 38 + "x"
+    for schema in (
+        {"type": "object", "patternProperties": {slow: {"type": "integer"}}},
+        {"type": "object", "properties": {"a": {}}, "patternProperties": {slow: {}}, "additionalProperties": False},
+    ):
+        started = time.perf_counter()
+        with pytest.raises(UpstreamError, match=f"a pattern took over {MATCH_TIMEOUT_S:g} s to match"):
+            Constraint("json_schema", schema, "response_format").validate(f'{{"{key}": 1}}')
+        assert time.perf_counter() - started < 10 * MATCH_TIMEOUT_S
+
+
+def test_unevaluated_properties_with_pattern_properties_are_refused() -> None:
+    # jsonschema matches patternProperties with plain, untimed `re` while it collects the keys unevaluatedProperties
+    # has not seen; rather than copy that private walk, the combination is refused before anything runs.
+    schema = {
+        "type": "object",
+        "$defs": {"named": {"patternProperties": {"^x-": {"type": "string"}}}},
+        "allOf": [{"$ref": "#/$defs/named"}],
+        "unevaluatedProperties": False,
+    }
+    for fields, param in (
+        ({"response_format": schema_format(schema)}, "response_format"),
+        ({"guided_json": schema}, "guided_json"),
+    ):
+        with pytest.raises(BadRequest) as caught:
+            constraint_from_request(chat_request(**fields))
+        assert (caught.value.message, caught.value.param) == (
+            "JSON schema: 'unevaluatedProperties' together with 'patternProperties' is not supported: jsonschema "
+            "would match those patterns without a time bound",
+            param,
+        )
+    # each on its own is fine
+    alone = {"type": "object", "properties": {"a": {}}, "unevaluatedProperties": False}
+    assert constraint_from_request(chat_request(response_format=schema_format(alone))) is not None
+
+
+def test_an_unknown_schema_draft_is_checked_as_2020_12_without_a_warning() -> None:
+    # jsonschema's draft lookup warned (DeprecationWarning, an error under our warning filter: a 500) for a
+    # $schema it does not know; the answer is checked as 2020-12, as the router always did.
+    schema = {"$schema": "https://example.com/my-dialect", "type": "integer", "maximum": 5}
+    constraint = constraint_from_request(chat_request(response_format=schema_format(schema)))
+    assert constraint is not None
+    constraint.validate("5")
+    with pytest.raises(UpstreamError, match="at \\(root\\): 6 is greater than the maximum of 5"):
+        constraint.validate("6")
 
 
 def test_patterns_are_compiled_by_the_engine_that_matches() -> None:

@@ -12,6 +12,7 @@ import pytest
 from backends.errors import BackendUnavailable, BadRequest, Overloaded
 from backends.llamacpp import LlamaCppBackend, LlamaCppSettings
 from backends.protocol import ChatRequest, CompletionRequest
+from gateway.http import parse
 
 SMOL = {
     "type": "llamacpp",
@@ -131,6 +132,19 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_queueing(
         with pytest.raises(BadRequest) as caught:
             smol.check(chat("Hi", logit_bias=fields["logit_bias"]))
         assert caught.value.param == "logit_bias"
+
+
+@pytest.mark.parametrize("key", ["\u00b2", "\u0663", "1\u00b9"], ids=["superscript", "arabic-indic", "mixed"])
+def test_a_logit_bias_key_of_non_ascii_digits_is_a_400_naming_logit_bias(key: str) -> None:
+    # str.isdigit() accepts "²", which int() refuses (a 500 where a backend reads the id), and "٣", which int()
+    # reads as 3 but an upstream need not.
+    body = {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "logit_bias": {key: 1}}
+    with pytest.raises(BadRequest) as caught:
+        parse(ChatRequest, body)
+    assert (caught.value.param, caught.value.message) == (
+        "logit_bias",
+        f"Invalid value for 'logit_bias': keys must be token ids, got {key!r}",
+    )
 
 
 def test_token_ids_inside_the_vocabulary_are_decoded(smol: LlamaCppBackend) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from backends.constraint import Constraint, constraint_from_request
 from backends.errors import BadRequest, UpstreamError
-from backends.protocol import ChatRequest
+from backends.protocol import ChatRequest, ResponseFormat
 from router.validators import Context, check, implied_by, validators_for
 
 NONE = Context(prompt="")
@@ -93,4 +93,47 @@ def test_a_failed_verdict_names_its_validator() -> None:
         False,
         "choices",
         "choices: 'Maybe' is not one of ['Yes', 'No']",
+    )
+
+
+def test_a_request_is_read_once_however_many_layers_ask() -> None:
+    asked = request(response_format=schema_format({"type": "object", "required": ["a"]}))
+    constraint = constraint_from_request(asked)
+    assert constraint is not None
+    assert constraint_from_request(asked) is constraint  # the router, the backend's check, its decode path
+    assert implied_by(asked)[0] == validators_for(constraint)[0]
+    # A copy for another tier (another model, a hint, a temperature) keeps the reading...
+    retried = asked.model_copy(update={"model": "other", "temperature": 0.5})
+    assert constraint_from_request(retried) is constraint
+    # ...and keeping it does not make the request differ from an unread one.
+    assert asked == request(response_format=schema_format({"type": "object", "required": ["a"]}))
+
+
+def test_a_copy_with_another_constraint_field_is_read_again() -> None:
+    asked = request(response_format=schema_format({"type": "integer"}))
+    first = constraint_from_request(asked)
+    assert first is not None and first.kind == "json_schema"
+    # model_copy copies private attributes too: the copy must not reuse the reading of its original.
+    as_object = asked.model_copy(update={"response_format": ResponseFormat(type="json_object")})
+    assert constraint_from_request(as_object) == Constraint("json_object", {"type": "object"}, "response_format")
+    assert constraint_from_request(asked.model_copy(update={"response_format": None})) is None
+    as_regex = asked.model_copy(update={"response_format": None, "guided_regex": "[0-9]+"})
+    assert constraint_from_request(as_regex) == Constraint("regex", "[0-9]+", "guided_regex")
+    both = asked.model_copy(update={"tiergate": {"choices": ["a"]}})
+    with pytest.raises(BadRequest, match=r"not both 'response_format' and 'tiergate\.choices'"):
+        constraint_from_request(both)
+    assert constraint_from_request(asked) is first  # the original keeps its own
+
+
+def test_the_router_and_the_backend_give_the_same_reason() -> None:
+    asked = request(response_format=schema_format({"type": "object", "properties": {"n": {"maximum": 5}}}))
+    constraint = constraint_from_request(asked)
+    assert constraint is not None
+    verdict = check(implied_by(asked), '{"n": 9}', NONE)
+    with pytest.raises(UpstreamError) as caught:
+        constraint.validate('{"n": 9}')
+    assert verdict.reason == "json_schema: at n: 9 is greater than the maximum of 5"
+    assert (
+        caught.value.message
+        == "the model's output does not satisfy 'response_format': at n: 9 is greater than the maximum of 5"
     )
