@@ -82,6 +82,15 @@ def _with_hint(request: GenerationRequest, reason: str) -> GenerationRequest:
     return request.model_copy(update={"messages": [*request.messages, hint]})
 
 
+def skip_predicted_hard(guide: Guide, tier: Backend, context: RequestContext) -> bool:
+    """Should this (non-final) tier be skipped because the learner expects it to fail? Recorded in the trail."""
+    score = guide.learner.predict(tier.name, guide.vector)
+    if score is None or not guide.learner.skip(tier.name, score):
+        return False
+    context.trace.append(Attempt(tier.name, skip=Skip.PREDICTED_HARD, score=score))
+    return True
+
+
 def needs_buffering(route: Route, validators: list[Validator]) -> bool:
     """`validators`: what the request implies and the route lists (`validators_of`)."""
     settings = route.settings
@@ -132,11 +141,8 @@ class Cascade:
             final = index == len(tiers) - 1
             if final and stop_before_final:
                 return Outcomes(None, None, costs, waited_s=waited)
-            if guide is not None and not final:
-                score = guide.learner.predict(tier.name, guide.vector)
-                if score is not None and guide.learner.skip(tier.name, score):
-                    trail.append(Attempt(tier.name, skip=Skip.PREDICTED_HARD, score=score))
-                    continue
+            if guide is not None and not final and skip_predicted_hard(guide, tier, context):
+                continue
             scored = "low_confidence" in settings.escalate_on and not final and tier.capabilities.logprobs
             asked = tier_request
             if scored and isinstance(asked, ChatRequest) and not asked.logprobs:

@@ -15,7 +15,7 @@ import numpy as np
 from backends.base import Backend, GenerationRequest, Payload
 from backends.errors import BackendUnavailable, BadRequest, DeadlineExceeded, TiergateError, Unsupported
 from backends.protocol import EmbeddingRequest, StreamOptions
-from router.cascade import Cascade, Guide, needs_buffering, validators_of
+from router.cascade import Cascade, Guide, needs_buffering, skip_predicted_hard, validators_of
 from router.context import RequestContext
 from router.costs import Costs, baseline, usage_of
 from router.replay import replay
@@ -201,6 +201,8 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
     metered_request = request.model_copy(update={"stream_options": StreamOptions(include_usage=True)})
     for index, tier in enumerate(tiers):
         final = index == len(tiers) - 1
+        if found.guide is not None and not final and skip_predicted_hard(found.guide, tier, context):
+            continue
         plan = plan_for(route, tier, found.fallbacks, final=final, context=context)
         began = time.perf_counter()
         try:

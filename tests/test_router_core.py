@@ -327,3 +327,18 @@ def test_a_last_tier_that_refuses_leaves_the_request_to_the_fallbacks(stream: bo
 
     assert asyncio.run(run()) == "spare"
     assert labels(context) == "small:unsupported,big:unsupported,spare:ok"
+
+
+def test_a_live_stream_skips_a_tier_predicted_to_fail_too() -> None:
+    runtime = runtime_with(big=FakeBackend("big", [Reply("good")]))
+    hard = ChatRequest.model_validate(
+        {"model": "guided", "messages": [{"role": "user", "content": "hard"}], "stream": True}
+    )
+    context = RequestContext()
+
+    async def run() -> str:
+        return (await engine.stream(runtime, hard, context)).backend
+
+    assert asyncio.run(run()) == "big"
+    assert context.trace[0].skip is Skip.PREDICTED_HARD
+    assert labels(context) == "small:predicted_hard=1.00,big:ok"
