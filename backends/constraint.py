@@ -104,6 +104,7 @@ class Constraint:
 # The request fields constraint_from_request reads: a request's cached reading holds while these are the same objects
 # (a copy of the request made with an update to one of them reads it again).
 _CONSTRAINT_FIELDS = ("response_format", "tiergate", "guided_json", "guided_regex", "guided_choice")
+_UNCONSTRAINED = (None,) * len(_CONSTRAINT_FIELDS)
 
 
 def constraint_from_request(request: ChatRequest | CompletionRequest) -> Constraint | None:
@@ -113,6 +114,8 @@ def constraint_from_request(request: ChatRequest | CompletionRequest) -> Constra
     (it ends the request).
     """
     source = tuple(getattr(request, name, None) for name in _CONSTRAINT_FIELDS)
+    if source == _UNCONSTRAINED:
+        return None  # most requests: nothing to read, and the cached reading costs more than reading again
     cached = request._constraint
     if len(cached.source) == len(source) and all(a is b for a, b in zip(cached.source, source, strict=True)):
         reading: Constraint | None = cached.value

@@ -180,7 +180,7 @@ class Cascade:
             last = Outcomes(payload, backend, costs, judged.verdict, waited)
             if judged.escalation is None:
                 break
-            trail[-1] = replace(trail[-1], escalation=judged.escalation)
+            trail[-1].escalation = judged.escalation
             escalation = judged.escalation
             escalates = escalation is Escalation.SELF_CONSISTENCY or escalation.value in settings.escalate_on
             if final or not escalates:
@@ -245,4 +245,4 @@ class Cascade:
         costs.total_usd += cost
         self.throughput.record(backend.name, completion_tokens, busy)
         if plan.attempts:
-            plan.attempts[-1] = replace(plan.attempts[-1], cost_usd=cost)
+            plan.attempts[-1].cost_usd = cost

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import secrets
 from dataclasses import dataclass, field
 
 from router.trace import Attempt, render
+
+_PROCESS = secrets.token_hex(6)  # unique enough across replicas and restarts
+_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """`req_` + this process's random prefix + a counter: unique without a uuid4 per request (~4 us)."""
+    return f"req_{_PROCESS}{next(_COUNTER):x}"
 
 
 @dataclass(frozen=True)
@@ -20,7 +29,7 @@ class Caller:
 class RequestContext:
     caller: Caller = field(default_factory=Caller)
     deadline: float | None = None  # event-loop time; the route's timeout tightens it
-    request_id: str = field(default_factory=lambda: f"req_{uuid.uuid4().hex[:24]}")
+    request_id: str = field(default_factory=new_request_id)
     trace: list[Attempt] = field(default_factory=list)
 
     def attempts(self) -> str:

@@ -7,7 +7,7 @@ import base64
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -285,7 +285,7 @@ def _charge_stream(
     for position in range(len(context.trace) - 1, -1, -1):
         attempt = context.trace[position]
         if attempt.backend == backend.name and attempt.ok:
-            context.trace[position] = replace(attempt, cost_usd=cost)
+            attempt.cost_usd = cost
             break
 
 

@@ -24,9 +24,13 @@ class Skip(StrEnum):
     PREDICTED_HARD = "predicted_hard"  # the difficulty learner expects this tier to fail
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Attempt:
-    """One line of the trail: a call (ok or failed with an error code), a skip, or an answer that was escalated."""
+    """One line of the trail: a call (ok or failed with an error code), a skip, or an answer that was escalated.
+
+    Written by the attempt that made it, then only its escalation and cost are filled in (never rebuilt: a copy
+    per request costs ~4 us on the hot path).
+    """
 
     backend: str
     ok: bool = False
