@@ -55,6 +55,18 @@ class Server:
         found: dict[str, object] = self.readiness()["backends"][backend]
         return found
 
+    def log_lines(self, *needles: str, within: float = 5.0) -> list[str]:
+        """The log lines that contain every needle, waiting up to `within` for the first of them."""
+        deadline = time.monotonic() + within
+        while True:
+            found = [line for line in self.log.read_text().splitlines() if all(needle in line for needle in needles)]
+            if found or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if not found:
+            raise AssertionError(f"no line with {needles!r} in the gateway log:\n{self.log.read_text()}")
+        return found
+
 
 def start_server(policy: Path, log: Path, env: dict[str, str] | None = None, ready_within: float = 120) -> Server:
     port = free_port()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import openai
 import pytest
@@ -164,18 +162,6 @@ def test_buffered_stream_replays_the_valid_answer(client: OpenAI) -> None:
     assert chunks[-1].usage is not None
 
 
-def wait_for_log_line(server: Server, marker: str, overhead: str) -> dict[str, Any]:
-    """The access line that has `marker` and this response's overhead figure (unique enough per request)."""
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for text in server.log.read_text().splitlines():
-            if marker in text and f'"overhead-ms":"{overhead}"' in text:
-                found: dict[str, Any] = json.loads(text[text.index("{") :])
-                return found
-        time.sleep(0.05)
-    raise AssertionError(f"no access line with {marker} in {server.log}")
-
-
 def test_passthrough_streams_the_final_tier_directly(
     client: OpenAI, upstream: UpstreamServer, gateway: Server
 ) -> None:
@@ -191,7 +177,9 @@ def test_passthrough_streams_the_final_tier_directly(
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == CANNED
     assert upstream.last_request().body["stream"] is True
     # the access line is written when the stream ends, with the streamed tier's cost (big's usage, metered)
-    line = wait_for_log_line(gateway, '"stream":"done"', raw.headers["x-tiergate-overhead-ms"])
+    overhead = raw.headers["x-tiergate-overhead-ms"]  # unique enough to find this request's line
+    text = gateway.log_lines('"stream":"done"', f'"overhead-ms":"{overhead}"')[0]
+    line = json.loads(text[text.index("{") :])
     assert line["attempts"] == "smol:invalid_output,big:ok"
     assert float(line["cost-usd"]) > 0
 
