@@ -183,18 +183,7 @@ class ConstraintCompiler:
         from backends.llamacpp_decode import DecodeParams, Finish, Piece, decode
 
         processor = self.processor(Constraint("regex", SELF_TEST_REGEX, "self_test"))
-        params = DecodeParams(
-            max_tokens=8,
-            temperature=0.0,
-            top_p=1.0,
-            top_k=0,
-            min_p=0.0,
-            repeat_penalty=1.0,
-            presence_penalty=0.0,
-            frequency_penalty=0.0,
-            seed=0,
-            logits_processors=(processor,),
-        )
+        params = DecodeParams.greedy(8, (processor,))
         prompt = self._llama.tokenize(b"The sky is", add_bos=True, special=False)
         items = list(decode(self._llama, prompt, params, lambda: False))
         text = "".join(item.text for item in items if isinstance(item, Piece))

@@ -32,6 +32,22 @@ class DecodeParams:
     grammar: Any = None
     logits_processors: tuple[Callable[[Any, Any], Any], ...] = ()
 
+    @classmethod
+    def greedy(cls, max_tokens: int, processors: tuple[Callable[[Any, Any], Any], ...] = ()) -> DecodeParams:
+        """Deterministic decoding with every sampler knob neutral (self-tests, tests)."""
+        return cls(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            top_k=0,
+            min_p=0.0,
+            repeat_penalty=1.0,
+            presence_penalty=0.0,
+            frequency_penalty=0.0,
+            seed=0,
+            logits_processors=processors,
+        )
+
 
 @dataclass(frozen=True)
 class TokenLogprob:

@@ -75,18 +75,7 @@ def generate(
     llama: Any, prompt: list[int], processor: ConstrainedProcessor | None = None, max_tokens: int = MAX_TOKENS
 ) -> tuple[str, Finish]:
     """Greedy decoding through backends.llamacpp_decode, the loop the backend runs."""
-    params = DecodeParams(
-        max_tokens=max_tokens,
-        temperature=0.0,
-        top_p=1.0,
-        top_k=0,
-        min_p=0.0,
-        repeat_penalty=1.0,
-        presence_penalty=0.0,
-        frequency_penalty=0.0,
-        seed=0,
-        logits_processors=(processor,) if processor is not None else (),
-    )
+    params = DecodeParams.greedy(max_tokens, (processor,) if processor is not None else ())
     items = list(decode(llama, prompt, params, lambda: False))
     finish = items[-1]
     assert isinstance(finish, Finish)
