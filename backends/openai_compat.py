@@ -333,6 +333,8 @@ class OpenAICompatBackend:
         if announced is not None and announced > limit:
             response.close()
             raise self._too_large(f"Content-Length {announced}")
+        if announced is not None:
+            return await response.read()  # aiohttp reads exactly the announced length: one call, no chunk loop
         body = bytearray()
         while part := await response.content.read(READ_SIZE):
             body += part

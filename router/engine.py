@@ -250,7 +250,8 @@ async def _metered(
             return chunk
         if not chunk.get("choices"):
             return None  # the usage-only chunk the client did not ask for
-        return {key: value for key, value in chunk.items() if key != "usage"}
+        chunk.pop("usage", None)  # each chunk is a fresh dict of this stream's: no copy needed
+        return chunk
 
     try:
         if (out := shown(first)) is not None:
