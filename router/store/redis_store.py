@@ -1,0 +1,288 @@
+"""The Redis store: state shared by every replica and worker, one atomic script per multi-key change.
+
+Every call has a deadline (`timeout_s`, waiting for a pooled connection included) and goes through a
+circuit breaker: after a few failures in a row calls fail at once with StoreUnavailable, one probe per
+cooldown finds out whether Redis is back, so a dead Redis costs neither a timeout per request nor a
+reconnect storm. Clocks are the server's (TIME inside the scripts), so replicas with skewed clocks agree;
+budget periods are UTC calendar days/months by the calling replica's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from backends.errors import StoreUnavailable
+from router.policy import STATE_BREAKER
+from router.reliability import BreakerSettings, CircuitBreaker
+from router.store import lua
+from router.store.base import (
+    BudgetRefusal,
+    BudgetScope,
+    BudgetWindow,
+    KeyRecord,
+    Lease,
+    Period,
+    RateDecision,
+    Reservation,
+    Spend,
+    to_nano,
+    to_usd,
+    window_of,
+)
+from router.store.gcra import window_us
+
+T = TypeVar("T")
+
+
+SETTLED_KEPT_MS = 3_600_000  # a settled reservation is remembered this long: a second settle charges nothing
+LIST_CHUNK = 500
+
+# Failures that say Redis is not there (or too slow): these move the breaker. Other RedisErrors (a script
+# error, a wrong type) come from a server that answered, so they are reported but do not open it.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+
+
+def where(url: str) -> str:
+    """host:port/db of a Redis URL, without credentials (errors and logs must never carry a password)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix:{parts.path}"
+    return f"{parts.hostname}:{parts.port or 6379}{parts.path or ''}"
+
+
+def encode_key(record: KeyRecord) -> str:
+    return json.dumps(dataclasses.asdict(record), separators=(",", ":"))
+
+
+def text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def data(raw: bytes | str) -> bytes:
+    return raw.encode() if isinstance(raw, str) else raw
+
+
+def decode_key(raw: bytes | str) -> KeyRecord:
+    data: dict[str, Any] = json.loads(raw)
+    data["models"] = tuple(data["models"])
+    return KeyRecord(**data)
+
+
+class RedisStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "tiergate:",
+        timeout_s: float = 0.25,
+        pool_size: int = 16,
+        breaker: BreakerSettings = STATE_BREAKER,
+    ) -> None:
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self.where = where(url)
+        self.breaker = CircuitBreaker(breaker)
+        no_retry = Retry(NoBackoff(), 0)  # the breaker decides when to try again, not the client
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=no_retry,
+        )
+        self.client = redis.Redis(connection_pool=pool, retry=no_retry)
+        self._hit = self.client.register_script(lua.HIT)
+        self._put_key = self.client.register_script(lua.PUT_KEY)
+        self._delete_key = self.client.register_script(lua.DELETE_KEY)
+        self._reserve = self.client.register_script(lua.RESERVE)
+        self._settle = self.client.register_script(lua.SETTLE)
+        self._spend = self.client.register_script(lua.SPEND)
+        self._acquire = self.client.register_script(lua.ACQUIRE)
+        self._renew = self.client.register_script(lua.RENEW)
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        if not self.breaker.allow():
+            raise StoreUnavailable(
+                f"the store at {self.where} is unavailable (circuit open)", retry_after=self.breaker.retry_in()
+            )
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await operation()
+        except UNREACHABLE as error:
+            self.breaker.record(failed=True)
+            raise StoreUnavailable(
+                f"the store at {self.where} did not answer within {self.timeout_s:g} s ({type(error).__name__})"
+            ) from error
+        except RedisError as error:
+            self.breaker.record(failed=False)
+            raise StoreUnavailable(f"the store at {self.where} refused a call ({type(error).__name__})") from error
+        except asyncio.CancelledError:
+            if self.breaker.probing:  # a cancelled probe must not leave the breaker half-open for ever
+                self.breaker.record(failed=True)
+            raise
+        self.breaker.record(failed=False)
+        return result
+
+    # --- managed keys ---
+
+    async def put_key(self, record: KeyRecord) -> None:
+        keys = [
+            self.key("key", record.id),
+            self.key("keyhash", record.key_hash),
+            self.key("keys"),
+            self.key("keyhash", ""),
+        ]
+        args = [encode_key(record), record.id, repr(record.created_at)]
+        await self._call(lambda: self._put_key(keys=keys, args=args))
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        raw = await self._call(lambda: self.client.get(self.key("key", key_id)))
+        return decode_key(raw) if raw is not None else None
+
+    async def find_key(self, key_hash: str) -> KeyRecord | None:
+        key_id = await self._call(lambda: self.client.get(self.key("keyhash", key_hash)))
+        return await self.get_key(text(key_id)) if key_id is not None else None
+
+    async def delete_key(self, key_id: str) -> bool:
+        keys = [self.key("key", key_id), self.key("keys"), self.key("keyhash", "")]
+        return bool(await self._call(lambda: self._delete_key(keys=keys, args=[key_id])))
+
+    async def list_keys(self) -> list[KeyRecord]:
+        async def ids() -> list[str]:
+            found: list[bytes] = await self.client.zrange(self.key("keys"), 0, -1)  # type: ignore[assignment]
+            return [text(key_id) for key_id in found]
+
+        async def records(names: list[str]) -> list[KeyRecord]:
+            return [decode_key(raw) for raw in await self.client.mget(names) if raw is not None]
+
+        listed: list[KeyRecord] = []
+        known = await self._call(ids)
+        for start in range(0, len(known), LIST_CHUNK):
+            names = [self.key("key", key_id) for key_id in known[start : start + LIST_CHUNK]]
+            listed += await self._call(lambda names=names: records(names))  # type: ignore[misc]
+        return listed
+
+    # --- rate limits ---
+
+    async def hit(self, scope: str, limit: int, window_s: float, cost: int = 1) -> RateDecision:
+        window = window_us(limit, window_s)
+        allowed, remaining, level = await self._call(
+            lambda: self._hit(keys=[self.key("rate", scope)], args=[limit, window, cost])
+        )
+        capacity = limit * window
+        reset_s = int(level) / limit / 1e6
+        if allowed:
+            return RateDecision(True, int(remaining), reset_s, 0.0)
+        retry = window if cost > limit else (int(level) + cost * window - capacity) / limit
+        return RateDecision(False, int(remaining), reset_s, retry / 1e6)
+
+    # --- budgets ---
+
+    def _window_keys(self, window: BudgetWindow) -> list[str]:
+        label = window.label()
+        return [
+            self.key("budget", window.scope, window.period, label),
+            self.key("holds", window.scope, window.period, label),
+        ]
+
+    async def reserve(
+        self, scopes: Sequence[BudgetScope], amount_usd: float, ttl_s: float
+    ) -> Reservation | BudgetRefusal:
+        windows = [window_of(budget.scope, budget.period, time.time()) for budget in scopes]
+        reservation = Reservation(uuid.uuid4().hex, amount_usd, tuple(windows))
+        keys = [self.key("reservation", reservation.id)]
+        args: list[str | int] = [str(to_nano(amount_usd)), max(1, round(ttl_s * 1000)), reservation.id, len(windows)]
+        for budget, window in zip(scopes, windows, strict=True):
+            keys += self._window_keys(window)
+            args += [str(to_nano(budget.limit_usd)), round(window.kept_until * 1000)]
+        args.append(SETTLED_KEPT_MS)
+        answer = await self._call(lambda: self._reserve(keys=keys, args=args))
+        if answer[0] == 1:
+            return reservation
+        refused = scopes[int(answer[1]) - 1]
+        return BudgetRefusal(
+            refused.scope, refused.period, refused.limit_usd, to_usd(int(answer[2])), to_usd(int(answer[3]))
+        )
+
+    async def _close(self, reservation: Reservation, actual_nano: int) -> bool:
+        keys = [self.key("reservation", reservation.id)]
+        args: list[str | int] = [reservation.id, str(actual_nano), len(reservation.windows), SETTLED_KEPT_MS]
+        for window in reservation.windows:
+            keys += self._window_keys(window)
+        args += [round(window.kept_until * 1000) for window in reservation.windows]
+        return bool(await self._call(lambda: self._settle(keys=keys, args=args)))
+
+    async def settle(self, reservation: Reservation, actual_usd: float) -> bool:
+        return await self._close(reservation, to_nano(actual_usd))
+
+    async def release(self, reservation: Reservation) -> bool:
+        return await self._close(reservation, 0)
+
+    async def spend(self, scope: str, period: Period, at: float | None = None) -> Spend:
+        window = window_of(scope, period, time.time() if at is None else at)
+        spent, held = await self._call(lambda: self._spend(keys=self._window_keys(window), args=[]))
+        return Spend(to_usd(int(spent)), to_usd(int(held)))
+
+    # --- concurrency caps ---
+
+    async def acquire(self, scope: str, limit: int, ttl_s: float) -> Lease | None:
+        lease = Lease(scope, uuid.uuid4().hex, ttl_s)
+        args: list[str | int] = [limit, max(1, round(ttl_s * 1000)), lease.id]
+        acquired = await self._call(lambda: self._acquire(keys=[self.key("leases", scope)], args=args))
+        return lease if acquired else None
+
+    async def renew(self, lease: Lease) -> bool:
+        args: list[str | int] = [max(1, round(lease.ttl_s * 1000)), lease.id]
+        return bool(await self._call(lambda: self._renew(keys=[self.key("leases", lease.scope)], args=args)))
+
+    async def release_lease(self, lease: Lease) -> None:
+        await self._call(lambda: self.client.zrem(self.key("leases", lease.scope), lease.id))
+
+    # --- response cache (Redis' maxmemory policy bounds it; every entry has its TTL) ---
+
+    async def cache_get(self, key: str) -> bytes | None:
+        found = await self._call(lambda: self.client.get(self.key("cache", key)))
+        return data(found) if found is not None else None
+
+    async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None:
+        ttl_ms = max(1, round(ttl_s * 1000))
+        await self._call(lambda: self.client.set(self.key("cache", key), value, px=ttl_ms))
+
+    # --- capped logs (meant to live: no TTL, the cap bounds them) ---
+
+    async def log_append(self, name: str, item: bytes, cap: int) -> None:
+        async def append() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.rpush(self.key("log", name), item)
+                pipe.ltrim(self.key("log", name), -cap, -1)
+                await pipe.execute()
+
+        await self._call(append)
+
+    async def log_read(self, name: str, limit: int) -> list[bytes]:
+        if limit <= 0:
+            return []
+        items = await self._call(lambda: self.client.lrange(self.key("log", name), -limit, -1))
+        return [data(item) for item in items]
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.client.connection_pool.disconnect()
