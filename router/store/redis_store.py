@@ -96,6 +96,7 @@ class RedisStore:
         self.timeout_s = timeout_s
         self.where = where(url)
         self.breaker = CircuitBreaker(breaker)
+        self._abandoned: set[asyncio.Future[Any]] = set()  # timed-out calls still closing their connection
         no_retry = Retry(NoBackoff(), 0)  # the breaker decides when to try again, not the client
         pool = redis.BlockingConnectionPool.from_url(
             url,
@@ -123,23 +124,41 @@ class RedisStore:
             raise StoreUnavailable(
                 f"the store at {self.where} is unavailable (circuit open)", retry_after=self.breaker.retry_in()
             )
+        # The call runs as its own task so that the caller waits timeout_s at most: a cancelled redis-py call
+        # closes its connection before it returns (up to another timeout_s on a hung server); that cleanup
+        # finishes in the background instead of on the request.
+        call = asyncio.ensure_future(operation())
         try:
-            async with asyncio.timeout(self.timeout_s):
-                result = await operation()
-        except UNREACHABLE as error:
-            self.breaker.record(failed=True)
-            raise StoreUnavailable(
-                f"the store at {self.where} did not answer within {self.timeout_s:g} s ({type(error).__name__})"
-            ) from error
-        except RedisError as error:
-            self.breaker.record(failed=False)
-            raise StoreUnavailable(f"the store at {self.where} refused a call ({type(error).__name__})") from error
+            done, _ = await asyncio.wait({call}, timeout=self.timeout_s)
         except asyncio.CancelledError:
+            self._abandon(call)
             if self.breaker.probing:  # a cancelled probe must not leave the breaker half-open for ever
                 self.breaker.record(failed=True)
             raise
+        if not done:
+            self._abandon(call)
+            self.breaker.record(failed=True)
+            raise StoreUnavailable(f"the store at {self.where} did not answer within {self.timeout_s:g} s")
+        try:
+            result = call.result()
+        except UNREACHABLE as error:
+            self.breaker.record(failed=True)
+            raise StoreUnavailable(f"the store at {self.where} is unreachable ({type(error).__name__})") from error
+        except RedisError as error:
+            self.breaker.record(failed=False)
+            raise StoreUnavailable(f"the store at {self.where} refused a call ({type(error).__name__})") from error
         self.breaker.record(failed=False)
         return result
+
+    def _abandon(self, call: asyncio.Future[Any]) -> None:
+        call.cancel()
+        self._abandoned.add(call)
+        call.add_done_callback(self._forget)
+
+    def _forget(self, call: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(call)
+        if not call.cancelled():
+            call.exception()  # retrieved: an abandoned call's error was already reported as StoreUnavailable
 
     # --- managed keys ---
 
@@ -284,5 +303,7 @@ class RedisStore:
         return [data(item) for item in items]
 
     async def aclose(self) -> None:
+        if self._abandoned:
+            await asyncio.wait(set(self._abandoned), timeout=self.timeout_s)
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
