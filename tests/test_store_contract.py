@@ -126,6 +126,15 @@ def test_the_window_refills(new_store: Factory) -> None:
     run(new_store, scenario)
 
 
+def test_limits_that_cannot_be_counted_exactly_are_refused(new_store: Factory) -> None:
+    async def scenario(store: Store) -> None:
+        for limit, window_s in [(0, 60.0), (10, 0.0), (10**9, 86_400.0)]:
+            with pytest.raises(ValueError, match=r"rate limit|too large"):
+                await store.hit("bad", limit, window_s)
+
+    run(new_store, scenario)
+
+
 # --- budgets ---
 
 

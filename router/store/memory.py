@@ -213,6 +213,19 @@ class MemoryStore:
     async def aclose(self) -> None:
         return None
 
+    def entries(self) -> dict[str, int]:
+        """Live entries of each kind (what bounds this store's memory), for tests and diagnostics."""
+        return {
+            "keys": len(self._keys),
+            "buckets": len(self._buckets),
+            "windows": len(self._windows),
+            "reservations": len(self._closed),
+            "leases": sum(len(leases) for leases in self._leases.values()),
+            "cache": len(self._cache),
+            "cache_bytes": self._cache_bytes,
+            "logs": sum(len(log) for log in self._logs.values()),
+        }
+
     # --- housekeeping ---
 
     def _now(self) -> float:
