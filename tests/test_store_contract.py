@@ -135,6 +135,23 @@ def test_limits_that_cannot_be_counted_exactly_are_refused(new_store: Factory) -
     run(new_store, scenario)
 
 
+def test_arguments_that_would_corrupt_state_are_refused(new_store: Factory) -> None:
+    async def scenario(store: Store) -> None:
+        scopes = [BudgetScope("key:bad", 1.0, "day")]
+        with pytest.raises(ValueError, match="amount_usd must be >= 0"):
+            await store.reserve(scopes, -1.0, ttl_s=30)
+        with pytest.raises(ValueError, match="ttl_s must be positive"):
+            await store.reserve(scopes, 1.0, ttl_s=0)
+        held = await store.reserve(scopes, 1.0, ttl_s=30)
+        assert isinstance(held, Reservation)
+        with pytest.raises(ValueError, match="actual_usd must be >= 0"):
+            await store.settle(held, float("nan"))
+        with pytest.raises(ValueError, match="cap must be positive"):
+            await store.log_append("log", b"x", cap=0)
+
+    run(new_store, scenario)
+
+
 # --- budgets ---
 
 

@@ -31,6 +31,13 @@ def hash_api_key(plain: str) -> str:
     return hashlib.sha256(plain.encode("utf-8")).hexdigest()
 
 
+def check_positive(**values: float) -> None:
+    """Arguments that would corrupt shared state (a negative charge, a cap of 0) are the caller's bug: ValueError."""
+    for name, value in values.items():
+        if not value >= 0 or (name in ("ttl_s", "cap") and value == 0):
+            raise ValueError(f"{name} must be {'positive' if name in ('ttl_s', 'cap') else '>= 0'} (got {value})")
+
+
 @dataclass(frozen=True)
 class KeyRecord:
     """A managed API key, as stored: never the plain key, only its hash and a prefix for listings."""

@@ -1,6 +1,8 @@
 """The Lua scripts RedisStore runs: each one is a single atomic step on the server, timed by the server's clock.
 
 Integers above 1e14 lose digits in Lua's tostring, so numbers are written with string.format('%.0f').
+The key scripts build a key name from a prefix passed in KEYS (the record named by an index): fine on
+one Redis server or a primary with replicas, not on Redis Cluster, which these scripts do not support.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 return 1
+"""
+
+# KEYS[1] hash index, KEYS[2] prefix of record keys -> the record (authentication: one round trip)
+FIND_KEY = """
+local key_id = redis.call('GET', KEYS[1])
+if not key_id then return false end
+return redis.call('GET', KEYS[2] .. key_id)
 """
 
 # KEYS[1] record, KEYS[2] id index, KEYS[3] prefix of hash index keys; ARGV id

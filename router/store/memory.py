@@ -22,6 +22,7 @@ from router.store.base import (
     RateDecision,
     Reservation,
     Spend,
+    check_positive,
     to_nano,
     to_usd,
     window_of,
@@ -114,6 +115,7 @@ class MemoryStore:
     async def reserve(
         self, scopes: Sequence[BudgetScope], amount_usd: float, ttl_s: float
     ) -> Reservation | BudgetRefusal:
+        check_positive(amount_usd=amount_usd, ttl_s=ttl_s)
         now, epoch = self._now(), self._wall()
         amount = to_nano(amount_usd)
         windows = [(budget, window_of(budget.scope, budget.period, epoch)) for budget in scopes]
@@ -128,6 +130,7 @@ class MemoryStore:
         return reservation
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> bool:
+        check_positive(actual_usd=actual_usd)
         if not self._close(reservation):
             return False
         for window in reservation.windows:
@@ -200,6 +203,7 @@ class MemoryStore:
     # --- capped logs ---
 
     async def log_append(self, name: str, item: bytes, cap: int) -> None:
+        check_positive(cap=cap)
         log = self._logs.get(name)
         if log is None or log.maxlen != cap:
             log = deque(log or (), maxlen=cap)

@@ -39,6 +39,7 @@ from router.store.base import (
     RateDecision,
     Reservation,
     Spend,
+    check_positive,
     to_nano,
     to_usd,
     window_of,
@@ -76,10 +77,14 @@ def data(raw: bytes | str) -> bytes:
     return raw.encode() if isinstance(raw, str) else raw
 
 
+KEY_FIELDS = frozenset(field.name for field in dataclasses.fields(KeyRecord))
+
+
 def decode_key(raw: bytes | str) -> KeyRecord:
     data: dict[str, Any] = json.loads(raw)
     data["models"] = tuple(data["models"])
-    return KeyRecord(**data)
+    # fields written by a newer version are ignored, so replicas can be upgraded one at a time
+    return KeyRecord(**{name: value for name, value in data.items() if name in KEY_FIELDS})
 
 
 class RedisStore:
@@ -110,6 +115,7 @@ class RedisStore:
         self._hit = self.client.register_script(lua.HIT)
         self._put_key = self.client.register_script(lua.PUT_KEY)
         self._delete_key = self.client.register_script(lua.DELETE_KEY)
+        self._find_key = self.client.register_script(lua.FIND_KEY)
         self._reserve = self.client.register_script(lua.RESERVE)
         self._settle = self.client.register_script(lua.SETTLE)
         self._spend = self.client.register_script(lua.SPEND)
@@ -177,8 +183,9 @@ class RedisStore:
         return decode_key(raw) if raw is not None else None
 
     async def find_key(self, key_hash: str) -> KeyRecord | None:
-        key_id = await self._call(lambda: self.client.get(self.key("keyhash", key_hash)))
-        return await self.get_key(text(key_id)) if key_id is not None else None
+        keys = [self.key("keyhash", key_hash), self.key("key", "")]
+        raw = await self._call(lambda: self._find_key(keys=keys))
+        return decode_key(raw) if raw is not None else None
 
     async def delete_key(self, key_id: str) -> bool:
         keys = [self.key("key", key_id), self.key("keys"), self.key("keyhash", "")]
@@ -225,6 +232,7 @@ class RedisStore:
     async def reserve(
         self, scopes: Sequence[BudgetScope], amount_usd: float, ttl_s: float
     ) -> Reservation | BudgetRefusal:
+        check_positive(amount_usd=amount_usd, ttl_s=ttl_s)
         windows = [window_of(budget.scope, budget.period, time.time()) for budget in scopes]
         reservation = Reservation(uuid.uuid4().hex, amount_usd, tuple(windows))
         keys = [self.key("reservation", reservation.id)]
@@ -250,6 +258,7 @@ class RedisStore:
         return bool(await self._call(lambda: self._settle(keys=keys, args=args)))
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> bool:
+        check_positive(actual_usd=actual_usd)
         return await self._close(reservation, to_nano(actual_usd))
 
     async def release(self, reservation: Reservation) -> bool:
@@ -288,6 +297,8 @@ class RedisStore:
     # --- capped logs (meant to live: no TTL, the cap bounds them) ---
 
     async def log_append(self, name: str, item: bytes, cap: int) -> None:
+        check_positive(cap=cap)
+
         async def append() -> None:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.rpush(self.key("log", name), item)
