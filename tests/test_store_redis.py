@@ -3,7 +3,8 @@
 Bounds checked here, with the default settings (timeout_s 0.25, breaker: 3 failures, 1 s cooldown):
 a call while Redis is down or hung fails with StoreUnavailable within 0.4 s (the deadline plus
 scheduling slack on a loaded CI machine), also 50 at once; once the breaker is open a call fails in
-under 5 ms without touching the network; the first call after the cooldown finds Redis back.
+under 5 ms without touching the network; the first call after the cooldown finds Redis back. More
+calls at once than one process can send are shed within the same bound and never open the breaker.
 """
 
 from __future__ import annotations
@@ -94,6 +95,48 @@ def test_a_hung_redis_costs_one_deadline_then_nothing(server: RedisServer) -> No
             assert await store.cache_get("answer") == b"42"  # no stale reply from a timed-out call
             decisions = [await store.hit("key:b", 100, 60) for _ in range(3)]
             assert [decision.allowed for decision in decisions] == [True] * 3
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_a_saturated_client_sheds_calls_without_opening_the_breaker(server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = RedisStore(server.url, prefix="busy:")  # 16 connections
+        try:
+            outcomes = await asyncio.gather(*(timed(store.hit("key:c", 10_000, 3600)) for _ in range(1000)))
+            shed = [result for _, result in outcomes if isinstance(result, StoreUnavailable)]
+            assert all("saturated" in error.message for error in shed)  # not one "did not answer"
+            assert max(elapsed for elapsed, _ in outcomes) < DEADLINE_BOUND_S
+            assert store.breaker.state == "closed"
+            answered = 1000 - len(shed)
+            remaining = (await store.hit("key:c", 10_000, 3600)).remaining  # every answered hit counted once
+            assert 0 <= remaining - (10_000 - answered - 1) <= 1  # (plus what 2.8 hits/s refilled meanwhile)
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_a_probe_cancelled_by_its_caller_does_not_wedge_the_breaker(server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = RedisStore(server.url, prefix="probe:")
+        try:
+            server.freeze()
+            for _ in range(3):
+                await timed(store.cache_get("x"))
+            assert store.breaker.state == "open"
+            await asyncio.sleep(1.05)
+            probe = asyncio.ensure_future(store.cache_get("x"))  # half-open: this is the one probe
+            await asyncio.sleep(0.01)
+            probe.cancel()  # its client went away
+            with pytest.raises(asyncio.CancelledError):
+                await probe
+            server.thaw()
+            await asyncio.sleep(1.05)
+            assert await store.cache_get("x") is None  # a new probe went through
+            assert store.breaker.state == "closed"
         finally:
             await store.aclose()
 

@@ -51,6 +51,7 @@ T = TypeVar("T")
 
 SETTLED_KEPT_MS = 3_600_000  # a settled reservation is remembered this long: a second settle charges nothing
 LIST_CHUNK = 500
+ANSWER_S = 0.05  # the least time a sent call is given (half the deadline when that is shorter)
 
 # Failures that say Redis is not there (or too slow): these move the breaker. Other RedisErrors (a script
 # error, a wrong type) come from a server that answered, so they are reported but do not open it.
@@ -102,6 +103,8 @@ class RedisStore:
         self.where = where(url)
         self.breaker = CircuitBreaker(breaker)
         self._abandoned: set[asyncio.Future[Any]] = set()  # timed-out calls still closing their connection
+        self.pool_size = pool_size
+        self._slots = asyncio.Semaphore(pool_size)
         no_retry = Retry(NoBackoff(), 0)  # the breaker decides when to try again, not the client
         pool = redis.BlockingConnectionPool.from_url(
             url,
@@ -130,16 +133,33 @@ class RedisStore:
             raise StoreUnavailable(
                 f"the store at {self.where} is unavailable (circuit open)", retry_after=self.breaker.retry_in()
             )
-        # The call runs as its own task so that the caller waits timeout_s at most: a cancelled redis-py call
-        # closes its connection before it returns (up to another timeout_s on a hung server); that cleanup
-        # finishes in the background instead of on the request.
-        call = asyncio.ensure_future(operation())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        # At most pool_size calls in flight, so the pool itself never blocks. A call waits for a slot only while
+        # ANSWER_S remain: a sent call has that long at least to be answered (a loopback Redis answers in a
+        # millisecond), so its timeout says Redis is slow or gone and the breaker counts it; a saturated client
+        # (more calls at once in this process than it can send) says nothing about Redis and leaves it alone.
         try:
-            done, _ = await asyncio.wait({call}, timeout=self.timeout_s)
+            async with asyncio.timeout_at(deadline - min(ANSWER_S, self.timeout_s / 2)):
+                await self._slots.acquire()
+        except TimeoutError:
+            self._probe_not_sent()
+            raise StoreUnavailable(
+                f"the store client for {self.where} is saturated ({self.pool_size} calls in flight)"
+            ) from None
+        except asyncio.CancelledError:
+            self._probe_not_sent()
+            raise
+        # The call runs as its own task so that the caller waits until the deadline at most: a cancelled
+        # redis-py call closes its connection before it returns (up to another timeout_s on a hung server);
+        # that cleanup finishes in the background, holding its slot until it is done.
+        call = asyncio.ensure_future(operation())
+        call.add_done_callback(self._free_slot)
+        try:
+            done, _ = await asyncio.wait({call}, timeout=deadline - loop.time())
         except asyncio.CancelledError:
             self._abandon(call)
-            if self.breaker.probing:  # a cancelled probe must not leave the breaker half-open for ever
-                self.breaker.record(failed=True)
+            self._probe_not_sent()
             raise
         if not done:
             self._abandon(call)
@@ -155,6 +175,14 @@ class RedisStore:
             raise StoreUnavailable(f"the store at {self.where} refused a call ({type(error).__name__})") from error
         self.breaker.record(failed=False)
         return result
+
+    def _probe_not_sent(self) -> None:
+        """A half-open breaker's probe that gave up must not leave the breaker waiting for it for ever."""
+        if self.breaker.state == "half_open":
+            self.breaker.record(failed=True)
+
+    def _free_slot(self, call: asyncio.Future[Any]) -> None:
+        self._slots.release()
 
     def _abandon(self, call: asyncio.Future[Any]) -> None:
         call.cancel()
