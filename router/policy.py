@@ -80,7 +80,8 @@ class StateSettings(Section):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: str) -> str:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
+        # empty: an unset ${VAR}, which compiling the policy reports as such
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return url
 

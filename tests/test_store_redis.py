@@ -22,6 +22,7 @@ import redis
 from backends.errors import StoreUnavailable
 from router.loader import PolicyError, parse_policy
 from router.store import BudgetScope, KeyRecord, MemoryStore, RedisStore, Reservation, store_from
+from router.table import compile_policy
 from tests.redis_server import RedisServer
 
 T = TypeVar("T")
@@ -229,11 +230,19 @@ def test_the_policy_selects_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(store_from(parse_policy(POLICY.format(state="")).policy.state), MemoryStore)
     monkeypatch.setenv("REDIS_URL", "redis://:pw@10.0.0.7:6380/2")
     loaded = parse_policy(POLICY.format(state="state:\n  redis_url: ${REDIS_URL}\n  prefix: 'team-gw:'"))
-    assert loaded.policy.state is not None
-    store = store_from(loaded.policy.state)
+    table = compile_policy(loaded)
+    assert table.state is not None and table.state == loaded.policy.state
+    store = store_from(table.state)
     assert isinstance(store, RedisStore)
     assert (store.prefix, store.timeout_s, store.where) == ("team-gw:", 0.25, "10.0.0.7:6380/2")
     asyncio.run(store.aclose())
+
+
+def test_an_unset_redis_url_is_a_policy_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    with pytest.raises(PolicyError) as caught:
+        compile_policy(parse_policy(POLICY.format(state="state:\n  redis_url: ${REDIS_URL}"), "p.yaml"))
+    assert caught.value.problems[0].startswith("p.yaml:7: state.redis_url: environment variable REDIS_URL is not set")
 
 
 def test_the_state_section_is_strict() -> None:
