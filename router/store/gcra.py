@@ -33,12 +33,19 @@ def window_us(limit: int, window_s: float) -> int:
 def gcra(bucket: Bucket, now_us: int, limit: int, window_s: float, cost: int) -> tuple[RateDecision, Bucket | None]:
     """The decision, and the bucket to store (None: refused, nothing consumed)."""
     window = window_us(limit, window_s)
-    capacity = limit * window
     elapsed = min(max(now_us - bucket.last_us, 0), window)
     level = max(bucket.level - elapsed * limit, 0)
-    need = cost * window
-    if cost > limit or level + need > capacity:
-        retry = window if cost > limit else (level + need - capacity) / limit
-        return RateDecision(False, (capacity - level) // window, level / limit / 1e6, retry / 1e6), None
-    level += need
-    return RateDecision(True, (capacity - level) // window, level / limit / 1e6, 0.0), Bucket(level, now_us)
+    if cost > limit or level + cost * window > limit * window:
+        return decision(False, level, limit, window, cost), None
+    level += cost * window
+    return decision(True, level, limit, window, cost), Bucket(level, now_us)
+
+
+def decision(allowed: bool, level: int, limit: int, window: int, cost: int) -> RateDecision:
+    """What a hit tells its caller, from the bucket's level after it (allowed) or when it was refused."""
+    capacity = limit * window
+    remaining, reset_s = (capacity - level) // window, level / limit / 1e6
+    if allowed:
+        return RateDecision(True, remaining, reset_s, 0.0)
+    retry = window if cost > limit else (level + cost * window - capacity) / limit  # a cost above the limit: never
+    return RateDecision(False, remaining, reset_s, retry / 1e6)

@@ -13,7 +13,7 @@ local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
 """
 
-# KEYS[1] bucket hash; ARGV limit, window_us, cost -> {allowed, remaining, level}
+# KEYS[1] bucket hash; ARGV limit, window_us, cost -> {allowed, level} (router/store/gcra.py, line for line)
 HIT = (
     NOW_US
     + """
@@ -25,12 +25,12 @@ local elapsed = math.min(math.max(now_us - last, 0), window)
 level = math.max(level - elapsed * limit, 0)
 local need = cost * window
 if cost > limit or level + need > capacity then
-  return {0, math.floor((capacity - level) / window), string.format('%.0f', level)}
+  return {0, string.format('%.0f', level)}
 end
 level = level + need
 redis.call('HSET', KEYS[1], 'level', string.format('%.0f', level), 'last', string.format('%.0f', now_us))
 redis.call('PEXPIRE', KEYS[1], math.floor(level / limit / 1000) + 1)
-return {1, math.floor((capacity - level) / window), string.format('%.0f', level)}
+return {1, string.format('%.0f', level)}
 """
 )
 

@@ -1,6 +1,6 @@
 """The Redis store: state shared by every replica and worker, one atomic script per multi-key change.
 
-Every call has a deadline (`timeout_s`, waiting for a pooled connection included) and goes through a
+Every call has a deadline (`timeout_s`, waiting for one of `pool_size` slots included) and goes through a
 circuit breaker: after a few failures in a row calls fail at once with StoreUnavailable, one probe per
 cooldown finds out whether Redis is back, so a dead Redis costs neither a timeout per request nor a
 reconnect storm. Clocks are the server's (TIME inside the scripts), so replicas with skewed clocks agree;
@@ -44,10 +44,9 @@ from router.store.base import (
     to_usd,
     window_of,
 )
-from router.store.gcra import window_us
+from router.store.gcra import decision, window_us
 
 T = TypeVar("T")
-
 
 SETTLED_KEPT_MS = 3_600_000  # a settled reservation is remembered this long: a second settle charges nothing
 LIST_CHUNK = 500
@@ -70,11 +69,11 @@ def encode_key(record: KeyRecord) -> str:
     return json.dumps(dataclasses.asdict(record), separators=(",", ":"))
 
 
-def text(raw: bytes | str) -> str:
+def as_text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-def data(raw: bytes | str) -> bytes:
+def as_bytes(raw: bytes | str) -> bytes:
     return raw.encode() if isinstance(raw, str) else raw
 
 
@@ -222,7 +221,7 @@ class RedisStore:
     async def list_keys(self) -> list[KeyRecord]:
         async def ids() -> list[str]:
             found: list[bytes] = await self.client.zrange(self.key("keys"), 0, -1)  # type: ignore[assignment]
-            return [text(key_id) for key_id in found]
+            return [as_text(key_id) for key_id in found]
 
         async def records(names: list[str]) -> list[KeyRecord]:
             return [decode_key(raw) for raw in await self.client.mget(names) if raw is not None]
@@ -238,15 +237,8 @@ class RedisStore:
 
     async def hit(self, scope: str, limit: int, window_s: float, cost: int = 1) -> RateDecision:
         window = window_us(limit, window_s)
-        allowed, remaining, level = await self._call(
-            lambda: self._hit(keys=[self.key("rate", scope)], args=[limit, window, cost])
-        )
-        capacity = limit * window
-        reset_s = int(level) / limit / 1e6
-        if allowed:
-            return RateDecision(True, int(remaining), reset_s, 0.0)
-        retry = window if cost > limit else (int(level) + cost * window - capacity) / limit
-        return RateDecision(False, int(remaining), reset_s, retry / 1e6)
+        allowed, level = await self._call(lambda: self._hit(keys=[self.key("rate", scope)], args=[limit, window, cost]))
+        return decision(allowed == 1, int(level), limit, window, cost)
 
     # --- budgets ---
 
@@ -316,7 +308,7 @@ class RedisStore:
 
     async def cache_get(self, key: str) -> bytes | None:
         found = await self._call(lambda: self.client.get(self.key("cache", key)))
-        return data(found) if found is not None else None
+        return as_bytes(found) if found is not None else None
 
     async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None:
         ttl_ms = max(1, round(ttl_s * 1000))
@@ -339,7 +331,7 @@ class RedisStore:
         if limit <= 0:
             return []
         items = await self._call(lambda: self.client.lrange(self.key("log", name), -limit, -1))
-        return [data(item) for item in items]
+        return [as_bytes(item) for item in items]
 
     async def aclose(self) -> None:
         if self._abandoned:
