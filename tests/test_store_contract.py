@@ -98,6 +98,15 @@ def test_hits_are_exact_under_concurrency_across_replicas(new_store: Factory) ->
     run(new_store, scenario, replicas=2)
 
 
+@pytest.mark.parametrize(("limit", "window_s"), [(7, 70.7), (997, 6130.3), (3, 86_400.0)])
+def test_limits_whose_interval_is_not_a_whole_number_are_exact(new_store: Factory, limit: int, window_s: float) -> None:
+    async def scenario(store: Store) -> None:
+        decisions = await asyncio.gather(*(store.hit(f"odd:{limit}", limit, window_s) for _ in range(2 * limit)))
+        assert sum(decision.allowed for decision in decisions) == limit
+
+    run(new_store, scenario)
+
+
 def test_a_refused_hit_consumes_nothing_and_cost_counts_tokens(new_store: Factory) -> None:
     async def scenario(store: Store) -> None:
         assert (await store.hit("tpm", 1000, 60.0, cost=600)).allowed
