@@ -151,6 +151,8 @@ def test_arguments_that_would_corrupt_state_are_refused(new_store: Factory) -> N
             await store.reserve(scopes, -1.0, ttl_s=30)
         with pytest.raises(ValueError, match="ttl_s must be positive"):
             await store.reserve(scopes, 1.0, ttl_s=0)
+        with pytest.raises(ValueError, match="the same budget twice"):
+            await store.reserve([*scopes, BudgetScope("key:bad", 2.0, "day")], 1.0, ttl_s=30)
         held = await store.reserve(scopes, 1.0, ttl_s=30)
         assert isinstance(held, Reservation)
         with pytest.raises(ValueError, match="actual_usd must be >= 0"):

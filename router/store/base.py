@@ -38,6 +38,13 @@ def check_positive(**values: float) -> None:
             raise ValueError(f"{name} must be {'positive' if name in ('ttl_s', 'cap') else '>= 0'} (got {value})")
 
 
+def check_scopes(scopes: Sequence[BudgetScope]) -> None:
+    """One hold per window: a budget named twice would be held twice and released once."""
+    seen = [(budget.scope, budget.period) for budget in scopes]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"a reservation names the same budget twice: {seen}")
+
+
 @dataclass(frozen=True)
 class KeyRecord:
     """A managed API key, as stored: never the plain key, only its hash and a prefix for listings."""

@@ -23,6 +23,7 @@ from router.store.base import (
     Reservation,
     Spend,
     check_positive,
+    check_scopes,
     to_nano,
     to_usd,
     window_of,
@@ -116,6 +117,7 @@ class MemoryStore:
         self, scopes: Sequence[BudgetScope], amount_usd: float, ttl_s: float
     ) -> Reservation | BudgetRefusal:
         check_positive(amount_usd=amount_usd, ttl_s=ttl_s)
+        check_scopes(scopes)
         now, epoch = self._now(), self._wall()
         amount = to_nano(amount_usd)
         windows = [(budget, window_of(budget.scope, budget.period, epoch)) for budget in scopes]

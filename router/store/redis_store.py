@@ -40,6 +40,7 @@ from router.store.base import (
     Reservation,
     Spend,
     check_positive,
+    check_scopes,
     to_nano,
     to_usd,
     window_of,
@@ -253,6 +254,7 @@ class RedisStore:
         self, scopes: Sequence[BudgetScope], amount_usd: float, ttl_s: float
     ) -> Reservation | BudgetRefusal:
         check_positive(amount_usd=amount_usd, ttl_s=ttl_s)
+        check_scopes(scopes)
         windows = [window_of(budget.scope, budget.period, time.time()) for budget in scopes]
         reservation = Reservation(uuid.uuid4().hex, amount_usd, tuple(windows))
         keys = [self.key("reservation", reservation.id)]
