@@ -26,6 +26,7 @@ from router.store import BudgetScope, MemoryStore, RedisStore, Reservation, Stor
 from tests.redis_server import RedisServer
 
 Operation = Callable[[Store, int], Awaitable[None]]
+CONCURRENCY = 32  # callers at once, each making its calls one after the other
 
 
 async def hit(store: Store, index: int) -> None:
@@ -76,10 +77,15 @@ async def latency(store: Store, operation: Operation, calls: int) -> dict[str, f
         began = time.perf_counter()
         await operation(store, index)
         seconds.append(time.perf_counter() - began)
-    concurrent = 32 * (calls // 32 or 1)
+    per_worker = max(1, calls // CONCURRENCY)
+
+    async def worker(offset: int) -> None:
+        for index in range(per_worker):
+            await operation(store, offset + index)
+
     began = time.perf_counter()
-    await asyncio.gather(*(operation(store, index) for index in range(concurrent)))
-    rate = concurrent / (time.perf_counter() - began)
+    await asyncio.gather(*(worker(n * per_worker) for n in range(CONCURRENCY)))
+    rate = CONCURRENCY * per_worker / (time.perf_counter() - began)
     return {"p50_us": statistics.median(seconds) * 1e6, "p99_us": percentile(seconds, 0.99) * 1e6, "ops_s": rate}
 
 
