@@ -258,7 +258,11 @@ class MemoryStore:
             self._cache_drop(key)
 
     def _window(self, window: BudgetWindow) -> _Window:
-        return self._windows.setdefault(_window_key(window), _Window(window.kept_until))
+        key = _window_key(window)
+        state = self._windows.get(key)
+        if state is None:  # (kept_until builds two datetimes: only for a new window)
+            state = self._windows[key] = _Window(window.kept_until)
+        return state
 
     def _close(self, reservation: Reservation) -> bool:
         if reservation.id in self._closed:
