@@ -13,7 +13,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 CODE := $(wildcard gateway router backends tests bench)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock requirements-litellm.lock | sha1sum | cut -c1-12)
 
-.PHONY: install serve test check lint typecheck node-deps clean bench
+.PHONY: install serve test check lint typecheck node-deps redis-server clean bench
 
 $(STAMP): pyproject.toml requirements.lock requirements-litellm.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,11 +35,18 @@ tests/node/node_modules/.package-lock.json: tests/node/package.json tests/node/p
 
 node-deps: tests/node/node_modules/.package-lock.json
 
+# The store tests run a real redis-server: Debian's package, installed once (as root) when absent.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" != 0 ]; then echo "redis-server is missing: apt-get install redis-server (as root)" >&2; exit 1; fi; \
+	  echo "installing redis-server (apt-get)..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
 lint: install
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/mypy
 
-test: install node-deps
+test: install node-deps redis-server
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider

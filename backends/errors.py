@@ -105,6 +105,14 @@ class BackendUnavailable(TiergateError):
     code = "backend_unavailable"
 
 
+class StoreUnavailable(TiergateError):
+    """The shared store (Redis) did not answer in time, refused, or its breaker is open: never a raw client error."""
+
+    status = 503
+    error_type = "server_error"
+    code = "store_unavailable"
+
+
 # --- the backend's fault ---
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backends.registry import BackendSettings, EmbedderSettings
 from router.reliability import BreakerSettings, RetrySettings
@@ -54,6 +54,36 @@ class ReliabilitySettings(Section):
     idle_timeout_s: float | None = Field(
         None, gt=0, description="Longest gap between two chunks of a stream (default: no limit but the deadline)."
     )
+
+
+STATE_BREAKER = BreakerSettings(consecutive_failures=3, cooldown_s=1.0)
+
+
+class StateSettings(Section):
+    """Shared state (keys, rate limits, budgets, caches, logs) in Redis. Without this section: in process memory."""
+
+    redis_url: str = Field(
+        description="redis://[user:password@]host:port/db, rediss:// for TLS or unix:///path (use ${REDIS_URL})."
+    )
+    prefix: str = Field(
+        "tiergate:", min_length=1, description="Put before every Redis key (one namespace per gateway)."
+    )
+    timeout_s: float = Field(
+        0.25, gt=0, le=10, description="Deadline of every store call, waiting for a pooled connection included."
+    )
+    pool_size: int = Field(16, ge=1, le=1024, description="Most connections to Redis per process.")
+    breaker: BreakerSettings = Field(
+        default=STATE_BREAKER,
+        description="After this many failed calls in a row, store calls fail at once; one probe per cooldown.",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        # empty: an unset ${VAR}, which compiling the policy reports as such
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return url
 
 
 EscalationReason = Literal["invalid_output", "low_confidence", "error", "predicted_hard"]
@@ -185,4 +215,7 @@ class Policy(Section):
     )
     models: Annotated[dict[str, ModelRoute], Field(min_length=1)] = Field(
         description="Public model names and where each one goes."
+    )
+    state: StateSettings | None = Field(
+        None, description="Where shared state lives: Redis (shared by replicas and workers); absent: process memory."
     )

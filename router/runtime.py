@@ -17,6 +17,7 @@ from router.learned import DifficultyLearner
 from router.outcomes import OutcomeLog
 from router.policy import ModelRoute
 from router.reliability import CircuitBreaker, RetryBudget
+from router.store import MemoryStore, Store
 from router.table import RoutingTable
 
 Part = Backend | Embedder
@@ -65,6 +66,7 @@ class Runtime:
     outcomes: OutcomeLog = field(default_factory=OutcomeLog)
     throughput: Throughput = field(default_factory=Throughput)
     derived: Derived = field(default_factory=Derived)
+    store: Store = field(default_factory=MemoryStore)  # shared state; a reload keeps it (limits, budgets)
 
     @classmethod
     def create(
@@ -146,6 +148,7 @@ class Runtime:
             self.outcomes,
             self.throughput,
             derived,
+            self.store,
         )
         live = {id(part) for part in runtime.parts().values()}
         retired = [part for part in self.parts().values() if id(part) not in live]

@@ -10,7 +10,7 @@ from typing import Literal
 from backends.errors import NotFound
 from backends.registry import BackendSettings, EmbedderSettings
 from router.loader import LoadedPolicy, Location, PolicyError
-from router.policy import ModelRoute, ReliabilitySettings, ServerSettings
+from router.policy import ModelRoute, ReliabilitySettings, ServerSettings, StateSettings
 from router.reliability import BreakerSettings, RetrySettings
 from router.validator_compile import problems as validator_problems
 from router.validators import Validator, build
@@ -46,6 +46,7 @@ class RoutingTable:
     embedders: Mapping[str, EmbedderSettings]
     disabled: Mapping[str, str]  # backend name -> why it cannot serve
     reliability: ReliabilitySettings = field(default_factory=ReliabilitySettings)
+    state: StateSettings | None = None  # where shared state lives (None: process memory); see store_from
 
     def route(self, model: str) -> Route:
         found = self.routes.get(model)
@@ -133,6 +134,7 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
         embedders=MappingProxyType(dict(policy.embeddings)),
         disabled=MappingProxyType(disabled),
         reliability=policy.reliability,
+        state=policy.state,
     )
 
 

@@ -298,6 +298,7 @@ def test_a_successor_runtime_keeps_unchanged_backends_and_their_breakers() -> No
     assert started == [successor.backends["big"]]
     assert successor.learners["guided"] is runtime.learners["guided"]
     assert successor.outcomes is runtime.outcomes
+    assert successor.store is runtime.store  # limits and budgets survive a reload
 
 
 def test_the_trail_is_typed_records() -> None:

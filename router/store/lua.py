@@ -1,0 +1,171 @@
+"""The Lua scripts RedisStore runs: each one is a single atomic step on the server, timed by the server's clock.
+
+Integers above 1e14 lose digits in Lua's tostring, so numbers are written with string.format('%.0f').
+The key scripts build a key name from a prefix passed in KEYS (the record named by an index): fine on
+one Redis server or a primary with replicas, not on Redis Cluster, which these scripts do not support.
+"""
+
+from __future__ import annotations
+
+NOW_US = """
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_ms = math.floor(now_us / 1000)
+"""
+
+# KEYS[1] bucket hash; ARGV limit, window_us, cost -> {allowed, level} (router/store/gcra.py, line for line)
+HIT = (
+    NOW_US
+    + """
+local limit, window, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local capacity = limit * window
+local stored = redis.call('HMGET', KEYS[1], 'level', 'last')
+local level, last = tonumber(stored[1] or '0'), tonumber(stored[2] or '0')
+local elapsed = math.min(math.max(now_us - last, 0), window)
+level = math.max(level - elapsed * limit, 0)
+local need = cost * window
+if cost > limit or level + need > capacity then
+  return {0, string.format('%.0f', level)}
+end
+level = level + need
+redis.call('HSET', KEYS[1], 'level', string.format('%.0f', level), 'last', string.format('%.0f', now_us))
+redis.call('PEXPIRE', KEYS[1], math.floor(level / limit / 1000) + 1)
+return {1, string.format('%.0f', level)}
+"""
+)
+
+# KEYS[1] record, KEYS[2] hash index, KEYS[3] id index, KEYS[4] prefix of hash index keys;
+# ARGV json, id, created_at
+PUT_KEY = """
+local old = redis.call('GET', KEYS[1])
+if old then
+  local old_hash = cjson.decode(old)['key_hash']
+  local old_index = KEYS[4] .. old_hash
+  if old_index ~= KEYS[2] then redis.call('DEL', old_index) end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+return 1
+"""
+
+# KEYS[1] hash index, KEYS[2] prefix of record keys -> the record (authentication: one round trip)
+FIND_KEY = """
+local key_id = redis.call('GET', KEYS[1])
+if not key_id then return false end
+return redis.call('GET', KEYS[2] .. key_id)
+"""
+
+# KEYS[1] record, KEYS[2] id index, KEYS[3] prefix of hash index keys; ARGV id
+DELETE_KEY = """
+local old = redis.call('GET', KEYS[1])
+if not old then return 0 end
+redis.call('DEL', KEYS[3] .. cjson.decode(old)['key_hash'])
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# Drops the lapsed holds of one window (hash KEYS[b], zset KEYS[z]); used by RESERVE and SPEND.
+PURGE = """
+local function purge(budget, holds, now_ms)
+  local lapsed = redis.call('ZRANGEBYSCORE', holds, '-inf', now_ms)
+  for _, rid in ipairs(lapsed) do
+    local amount = redis.call('HGET', budget, 'h:' .. rid)
+    if amount then
+      redis.call('HINCRBY', budget, 'held', '-' .. amount)
+      redis.call('HDEL', budget, 'h:' .. rid)
+    end
+  end
+  if #lapsed > 0 then redis.call('ZREMRANGEBYSCORE', holds, '-inf', now_ms) end
+end
+"""
+
+# KEYS: marker, then (budget hash, holds zset) per window; ARGV amount, ttl_ms, id, n, then (limit, kept_until_ms)
+# per window -> {1} or {0, index of the refusing window, spent, held}
+RESERVE = (
+    NOW_US
+    + PURGE
+    + """
+local amount, ttl, rid, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+for i = 1, n do
+  local budget, holds = KEYS[2 * i], KEYS[2 * i + 1]
+  purge(budget, holds, now_ms)
+  local spent = tonumber(redis.call('HGET', budget, 'spent') or '0')
+  local held = tonumber(redis.call('HGET', budget, 'held') or '0')
+  if spent + held + amount > tonumber(ARGV[3 + 2 * i]) then
+    return {0, i, string.format('%.0f', spent), string.format('%.0f', held)}
+  end
+end
+for i = 1, n do
+  local budget, holds, kept = KEYS[2 * i], KEYS[2 * i + 1], ARGV[4 + 2 * i]
+  redis.call('HINCRBY', budget, 'held', ARGV[1])
+  redis.call('HSET', budget, 'h:' .. rid, ARGV[1])
+  redis.call('ZADD', holds, now_ms + ttl, rid)
+  redis.call('PEXPIREAT', budget, kept)
+  redis.call('PEXPIREAT', holds, kept)
+end
+redis.call('SET', KEYS[1], 'open', 'PX', ttl + tonumber(ARGV[5 + 2 * n]))
+return {1}
+"""
+)
+
+# KEYS: marker, then (budget hash, holds zset) per window; ARGV id, actual (nano-USD, 0 for a release), n,
+# marker_ttl_ms, then kept_until_ms per window -> 1 when this call closed the reservation
+SETTLE = """
+if redis.call('GET', KEYS[1]) == 'closed' then return 0 end
+local rid, actual, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 1, n do
+  local budget, holds = KEYS[2 * i], KEYS[2 * i + 1]
+  local amount = redis.call('HGET', budget, 'h:' .. rid)
+  if amount then
+    redis.call('HINCRBY', budget, 'held', '-' .. amount)
+    redis.call('HDEL', budget, 'h:' .. rid)
+    redis.call('ZREM', holds, rid)
+  end
+  if actual > 0 then
+    redis.call('HINCRBY', budget, 'spent', ARGV[2])
+    redis.call('PEXPIREAT', budget, ARGV[4 + i])
+  end
+end
+redis.call('SET', KEYS[1], 'closed', 'PX', ARGV[4])
+return 1
+"""
+
+# KEYS budget hash, holds zset -> {spent, held}
+SPEND = (
+    NOW_US
+    + PURGE
+    + """
+purge(KEYS[1], KEYS[2], now_ms)
+local spent = redis.call('HGET', KEYS[1], 'spent') or '0'
+local held = redis.call('HGET', KEYS[1], 'held') or '0'
+return {spent, held}
+"""
+)
+
+# KEYS[1] lease zset; ARGV limit, ttl_ms, id -> 1 acquired, 0 full
+ACQUIRE = (
+    NOW_US
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+local until_ms = now_ms + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], until_ms, ARGV[3])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIREAT', KEYS[1], until_ms) end
+return 1
+"""
+)
+
+# KEYS[1] lease zset; ARGV ttl_ms, id -> 1 renewed, 0 lapsed or released
+RENEW = (
+    NOW_US
+    + """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not score or tonumber(score) <= now_ms then return 0 end
+local until_ms = now_ms + tonumber(ARGV[1])
+redis.call('ZADD', KEYS[1], until_ms, ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('PEXPIREAT', KEYS[1], until_ms) end
+return 1
+"""
+)

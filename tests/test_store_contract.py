@@ -1,0 +1,311 @@
+"""One contract, two stores: MemoryStore and RedisStore (a real redis-server) must behave the same.
+
+"Replicas" are several RedisStore instances over one Redis, as separate gateway processes would be;
+for MemoryStore they are the same instance (memory is shared within one process only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router.store import BudgetRefusal, BudgetScope, KeyRecord, MemoryStore, RedisStore, Reservation, Store
+from tests.redis_server import RedisServer
+
+Factory = Callable[[], Store]
+# Contract tests check meaning, not latency: a generous deadline keeps a loaded 2-core CI machine from
+# turning a slow call into a failure (test_store_redis.py checks the default 0.25 s deadline).
+CONTRACT_TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(Path(tmp_path_factory.mktemp("redis")))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def new_store(request: pytest.FixtureRequest) -> Factory:
+    if request.param == "memory":
+        shared = MemoryStore()
+        return lambda: shared
+    server: RedisServer = request.getfixturevalue("redis_server")
+    prefix = f"t{uuid.uuid4().hex[:8]}:"  # a namespace per test: no flushing between tests
+    return lambda: RedisStore(server.url, prefix=prefix, timeout_s=CONTRACT_TIMEOUT_S)
+
+
+def run(factory: Factory, scenario: Callable[..., Awaitable[None]], replicas: int = 1) -> None:
+    async def main() -> None:
+        stores = [factory() for _ in range(replicas)]
+        try:
+            await scenario(*stores)
+        finally:
+            for store in stores:
+                await store.aclose()
+
+    asyncio.run(main())
+
+
+def record(key_id: str, key_hash: str, created_at: float, **fields: Any) -> KeyRecord:
+    return KeyRecord(key_id, key_hash, "tg-" + key_id[:4], f"name {key_id}", "team-a", created_at=created_at, **fields)
+
+
+# --- keys ---
+
+
+def test_key_records_by_id_and_by_hash(new_store: Factory) -> None:
+    async def scenario(store: Store) -> None:
+        first = record("k1", "h1", 2.0, models=("a", "b"), rpm=60, budget_usd=5.0, budget_period="month")
+        await store.put_key(first)
+        await store.put_key(record("k0", "h0", 1.0))
+        assert await store.get_key("k1") == first
+        assert await store.find_key("h1") == first
+        assert await store.find_key("nope") is None
+        assert [key.id for key in await store.list_keys()] == ["k0", "k1"]
+
+        rotated = record("k1", "h1-new", 2.0, revoked_at=3.0)
+        await store.put_key(rotated)
+        assert await store.find_key("h1") is None  # the index moved with the record
+        assert await store.find_key("h1-new") == rotated
+
+        assert await store.delete_key("k1") is True
+        assert await store.delete_key("k1") is False
+        assert await store.get_key("k1") is None and await store.find_key("h1-new") is None
+        assert [key.id for key in await store.list_keys()] == ["k0"]
+
+    run(new_store, scenario)
+
+
+# --- rate limits ---
+
+
+def test_hits_are_exact_under_concurrency_across_replicas(new_store: Factory) -> None:
+    async def scenario(first: Store, second: Store) -> None:
+        hits = [(first if n % 2 else second).hit("key:burst", 100, 60.0) for n in range(300)]
+        decisions = await asyncio.gather(*hits)
+        assert sum(decision.allowed for decision in decisions) == 100
+        assert sorted(decision.remaining for decision in decisions if decision.allowed) == list(range(100))
+        refused = [decision for decision in decisions if not decision.allowed]
+        assert all(decision.remaining == 0 and decision.retry_after_s > 0 for decision in refused)
+
+    run(new_store, scenario, replicas=2)
+
+
+@pytest.mark.parametrize(("limit", "window_s"), [(7, 70.7), (997, 6130.3), (3, 86_400.0)])
+def test_limits_whose_interval_is_not_a_whole_number_are_exact(new_store: Factory, limit: int, window_s: float) -> None:
+    async def scenario(store: Store) -> None:
+        decisions = await asyncio.gather(*(store.hit(f"odd:{limit}", limit, window_s) for _ in range(2 * limit)))
+        assert sum(decision.allowed for decision in decisions) == limit
+
+    run(new_store, scenario)
+
+
+def test_a_refused_hit_consumes_nothing_and_cost_counts_tokens(new_store: Factory) -> None:
+    async def scenario(store: Store) -> None:
+        assert (await store.hit("tpm", 1000, 60.0, cost=600)).allowed
+        refused = await store.hit("tpm", 1000, 60.0, cost=600)
+        assert not refused.allowed and refused.remaining == 400
+        assert 0.5 <= refused.retry_after_s <= 12.1  # 200 tokens over the limit refill in 12 s
+        third = await store.hit("tpm", 1000, 60.0, cost=400)  # the refused 600 took nothing
+        assert third.allowed and third.remaining == 0
+        assert 59.0 < third.reset_s <= 60.0
+        assert not (await store.hit("tpm-big", 10, 60.0, cost=11)).allowed  # more than the limit: never
+
+    run(new_store, scenario)
+
+
+def test_the_window_refills(new_store: Factory) -> None:
+    async def scenario(store: Store) -> None:
+        for _ in range(10):
+            assert (await store.hit("refill", 10, 0.5)).allowed
+        refused = await store.hit("refill", 10, 0.5)
+        assert not refused.allowed and 0 < refused.retry_after_s <= 0.05
+        await asyncio.sleep(refused.retry_after_s + 0.01)
+        assert (await store.hit("refill", 10, 0.5)).allowed
+        await asyncio.sleep(0.55)
+        assert (await store.hit("refill", 10, 0.5)).remaining == 9  # a full window later: full again
+
+    run(new_store, scenario)
+
+
+def test_limits_that_cannot_be_counted_exactly_are_refused(new_store: Factory) -> None:
+    async def scenario(store: Store) -> None:
+        for limit, window_s in [(0, 60.0), (10, 0.0), (10**9, 86_400.0)]:
+            with pytest.raises(ValueError, match=r"rate limit|too large"):
+                await store.hit("bad", limit, window_s)
+
+    run(new_store, scenario)
+
+
+def test_arguments_that_would_corrupt_state_are_refused(new_store: Factory) -> None:
+    async def scenario(store: Store) -> None:
+        scopes = [BudgetScope("key:bad", 1.0, "day")]
+        with pytest.raises(ValueError, match="amount_usd must be >= 0"):
+            await store.reserve(scopes, -1.0, ttl_s=30)
+        with pytest.raises(ValueError, match="ttl_s must be positive"):
+            await store.reserve(scopes, 1.0, ttl_s=0)
+        with pytest.raises(ValueError, match="the same budget twice"):
+            await store.reserve([*scopes, BudgetScope("key:bad", 2.0, "day")], 1.0, ttl_s=30)
+        held = await store.reserve(scopes, 1.0, ttl_s=30)
+        assert isinstance(held, Reservation)
+        with pytest.raises(ValueError, match="actual_usd must be >= 0"):
+            await store.settle(held, float("nan"))
+        with pytest.raises(ValueError, match="cap must be positive"):
+            await store.log_append("log", b"x", cap=0)
+
+    run(new_store, scenario)
+
+
+# --- budgets ---
+
+
+def test_budgets_are_never_overspent_by_parallel_reservations(new_store: Factory) -> None:
+    scopes = [BudgetScope("key:k1", 0.01, "day"), BudgetScope("team:a", 1.0, "month")]
+
+    async def scenario(first: Store, second: Store) -> None:
+        async def request(index: int) -> Reservation | BudgetRefusal:
+            store = first if index % 2 else second
+            held = await store.reserve(scopes, 0.0003, ttl_s=30)
+            if isinstance(held, Reservation):
+                await asyncio.sleep(0.001)
+                assert await store.settle(held, 0.0003)
+            return held
+
+        outcomes = await asyncio.gather(*(request(index) for index in range(50)))
+        granted = [outcome for outcome in outcomes if isinstance(outcome, Reservation)]
+        assert len(granted) == 33  # floor(0.01 / 0.0003)
+        refusals = [outcome for outcome in outcomes if isinstance(outcome, BudgetRefusal)]
+        assert {(refusal.scope, refusal.period, refusal.limit_usd) for refusal in refusals} == {("key:k1", "day", 0.01)}
+        spend = await first.spend("key:k1", "day")
+        assert spend.held_usd == 0 and spend.spent_usd == pytest.approx(33 * 0.0003)
+        assert spend.spent_usd <= 0.01
+        assert (await second.spend("team:a", "month")).spent_usd == pytest.approx(33 * 0.0003)
+
+    run(new_store, scenario, replicas=2)
+
+
+def test_a_refusal_holds_nothing_in_any_scope(new_store: Factory) -> None:
+    async def scenario(store: Store) -> None:
+        tight_team = [BudgetScope("key:k2", 5.0, "day"), BudgetScope("team:b", 0.5, "day")]
+        refused = await store.reserve(tight_team, 0.6, ttl_s=30)
+        assert isinstance(refused, BudgetRefusal) and refused.scope == "team:b"
+        assert (await store.spend("key:k2", "day")).held_usd == 0  # the key's budget was not touched
+        held = await store.reserve(tight_team, 0.4, ttl_s=30)
+        assert isinstance(held, Reservation)
+        assert (await store.spend("key:k2", "day")).held_usd == pytest.approx(0.4)
+        again = await store.reserve(tight_team, 0.2, ttl_s=30)  # 0.4 held + 0.2 > 0.5
+        assert isinstance(again, BudgetRefusal) and again.held_usd == pytest.approx(0.4)
+
+    run(new_store, scenario)
+
+
+def test_settle_charges_once_and_release_charges_nothing(new_store: Factory) -> None:
+    scopes = [BudgetScope("key:k3", 1.0, "day")]
+
+    async def scenario(store: Store) -> None:
+        first = await store.reserve(scopes, 0.5, ttl_s=30)
+        second = await store.reserve(scopes, 0.5, ttl_s=30)
+        assert isinstance(first, Reservation) and isinstance(second, Reservation)
+        assert isinstance(await store.reserve(scopes, 0.01, ttl_s=30), BudgetRefusal)
+        assert await store.settle(first, 0.125) is True  # the real cost frees the rest of the hold
+        assert await store.settle(first, 0.125) is False
+        assert await store.release(first) is False
+        assert await store.release(second) is True
+        assert await store.settle(second, 0.5) is False
+        spend = await store.spend("key:k3", "day")
+        assert (spend.spent_usd, spend.held_usd) == (0.125, 0.0)
+        assert isinstance(await store.reserve(scopes, 0.875, ttl_s=30), Reservation)
+
+    run(new_store, scenario)
+
+
+def test_a_hold_lapses_but_a_late_settle_still_charges(new_store: Factory) -> None:
+    scopes = [BudgetScope("key:k4", 1.0, "day")]
+
+    async def scenario(store: Store) -> None:
+        lapsing = await store.reserve(scopes, 1.0, ttl_s=0.2)  # its replica "dies": never settled in time
+        assert isinstance(lapsing, Reservation)
+        assert isinstance(await store.reserve(scopes, 0.1, ttl_s=30), BudgetRefusal)
+        await asyncio.sleep(0.3)
+        assert (await store.spend("key:k4", "day")).held_usd == 0
+        assert await store.settle(lapsing, 0.3) is True  # the money was spent: it counts
+        assert (await store.spend("key:k4", "day")).spent_usd == pytest.approx(0.3)
+
+    run(new_store, scenario)
+
+
+def test_spend_is_counted_per_utc_period(new_store: Factory) -> None:
+    async def scenario(store: Store) -> None:
+        held = await store.reserve([BudgetScope("key:k5", 1.0, "day")], 0.2, ttl_s=30)
+        assert isinstance(held, Reservation)
+        await store.settle(held, 0.2)
+        assert (await store.spend("key:k5", "day")).spent_usd == pytest.approx(0.2)
+        assert (await store.spend("key:k5", "day", at=0.0)).spent_usd == 0  # 1970-01-01: another day
+
+    run(new_store, scenario)
+
+
+# --- concurrency caps ---
+
+
+def test_leases_cap_concurrency_and_lapse_by_themselves(new_store: Factory) -> None:
+    async def scenario(first: Store, second: Store) -> None:
+        tries = [(first if n % 2 else second).acquire("conc:k1", 3, ttl_s=30) for n in range(20)]
+        leases = [lease for lease in await asyncio.gather(*tries) if lease is not None]
+        assert len(leases) == 3
+        await first.release_lease(leases[0])
+        assert await second.acquire("conc:k1", 3, ttl_s=30) is not None
+        assert await second.acquire("conc:k1", 3, ttl_s=30) is None
+
+        short = await first.acquire("conc:k2", 1, ttl_s=0.2)
+        assert short is not None and await second.acquire("conc:k2", 1, ttl_s=0.2) is None
+        await asyncio.sleep(0.12)
+        assert await first.renew(short) is True  # a long stream keeps its slot
+        await asyncio.sleep(0.12)
+        assert await second.acquire("conc:k2", 1, ttl_s=0.2) is None
+        await asyncio.sleep(0.25)  # its replica died: no renew, no release
+        assert await first.renew(short) is False
+        assert await second.acquire("conc:k2", 1, ttl_s=0.2) is not None
+
+    run(new_store, scenario, replicas=2)
+
+
+# --- cache ---
+
+
+def test_cache_entries_expire(new_store: Factory) -> None:
+    async def scenario(store: Store) -> None:
+        assert await store.cache_get("req:1") is None
+        await store.cache_set("req:1", b"\x00answer", ttl_s=0.2)
+        await store.cache_set("req:2", b"kept", ttl_s=30)
+        assert await store.cache_get("req:1") == b"\x00answer"
+        await store.cache_set("req:2", b"replaced", ttl_s=30)
+        await asyncio.sleep(0.3)
+        assert await store.cache_get("req:1") is None
+        assert await store.cache_get("req:2") == b"replaced"
+
+    run(new_store, scenario)
+
+
+# --- capped logs ---
+
+
+def test_logs_keep_the_newest_items_up_to_their_cap(new_store: Factory) -> None:
+    async def scenario(first: Store, second: Store) -> None:
+        for index in range(10):
+            await first.log_append("outcomes", f"item {index}".encode(), cap=5)
+        assert await second.log_read("outcomes", 100) == [f"item {index}".encode() for index in range(5, 10)]
+        assert await second.log_read("outcomes", 2) == [b"item 8", b"item 9"]
+        assert await second.log_read("empty", 10) == []
+        appends = [(first if n % 2 else second).log_append("parallel", b"x", cap=50) for n in range(200)]
+        await asyncio.gather(*appends)
+        assert len(await first.log_read("parallel", 1000)) == 50
+
+    run(new_store, scenario, replicas=2)
