@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend, GenerationRequest, Payload
-from backends.errors import BackendUnavailable, BadRequest, DeadlineExceeded, TiergateError, Unsupported
+from backends.errors import (
+    BackendUnavailable,
+    BadRequest,
+    DeadlineExceeded,
+    TiergateError,
+    Unsupported,
+    UpstreamError,
+)
 from backends.protocol import EmbeddingRequest, StreamOptions
 from router.cascade import Cascade, Guide, needs_buffering, skip_predicted_hard, validators_of
 from router.context import RequestContext
@@ -219,7 +226,10 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
             raise
         waited += plan.waited_s
         metered = _metered(runtime, first, rest, backend, found, costs, context, began, request.include_usage())
-        first_out = await anext(metered)
+        try:
+            first_out = await anext(metered)
+        except StopAsyncIteration as empty:  # nothing but a usage chunk the client did not ask for
+            raise UpstreamError(f"backend '{backend.name}' sent a stream without content") from empty
         return Stream(first_out, metered, backend.name, waited, context.deadline, costs, intent=found.intent)
     raise BackendUnavailable(f"no tier of '{request.model}' could take the request ({context.attempts()})")
 

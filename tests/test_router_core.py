@@ -343,3 +343,18 @@ def test_a_live_stream_skips_a_tier_predicted_to_fail_too() -> None:
     assert asyncio.run(run()) == "big"
     assert context.trace[0].skip is Skip.PREDICTED_HARD
     assert labels(context) == "small:predicted_hard=1.00,big:ok"
+
+
+def test_a_stream_of_nothing_but_usage_is_an_upstream_error_not_a_crash() -> None:
+    class UsageOnly(FakeBackend):
+        async def stream(self, request: Any) -> Any:
+            yield {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
+                   "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}}
+
+    runtime = runtime_with(big=UsageOnly("big"))
+
+    async def run() -> None:
+        await engine.stream(runtime, chat("single", stream=True), RequestContext())
+
+    with pytest.raises(UpstreamError, match="without content"):
+        asyncio.run(run())
