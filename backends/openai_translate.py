@@ -210,8 +210,10 @@ class SseDecoder:
         field, _, value = line.partition(b":")
         text = value[1:] if value.startswith(b" ") else value
         if field == b"data":
-            self._data.append(text.decode("utf-8", errors="replace"))
             self._size += len(text)
+            if self._size > self.max_event_bytes:  # an event that arrived whole within one read, too
+                raise UpstreamResponseTooLarge(f"an upstream SSE event exceeds {self.max_event_bytes} bytes")
+            self._data.append(text.decode("utf-8", errors="replace"))
         elif field == b"event":
             self._event = text.decode("utf-8", errors="replace")
         return None

@@ -232,6 +232,13 @@ def test_sse_decoder_bounds_an_event() -> None:
         decoder.feed(b"data: " + b"x" * 100)
 
 
+def test_sse_decoder_bounds_an_event_that_arrives_whole_in_one_read() -> None:
+    decoder = translate.SseDecoder(max_event_bytes=64)
+    assert len(decoder.feed(b"data: small\n\n")) == 1
+    with pytest.raises(UpstreamProtocolError, match="exceeds 64 bytes"):
+        decoder.feed(b"data: " + b"x" * 100 + b"\n\n")  # line and terminator together: it used to pass
+
+
 def test_parse_event() -> None:
     assert translate.parse_event(translate.SseEvent("message", "[DONE]")) is None
     assert translate.parse_event(translate.SseEvent("message", '{"choices": []}')) == {"choices": []}
