@@ -228,9 +228,14 @@ class OpenAICompatBackend:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Payload]:
         body = self._body(request)
         body["stream"] = True
+        # Whether the upstream is asked for usage is this backend's setting, not the request's: the router asks every
+        # backend stream for usage, and a server that refuses the field (stream_usage: false) must never get it.
+        options = {key: value for key, value in body.pop("stream_options", {}).items() if key != "include_usage"}
         if self.settings.stream_usage:
             # Exact usage wherever the upstream can give it; StreamUsage drops it again if the client did not ask.
-            body["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
+            options["include_usage"] = True
+        if options:
+            body["stream_options"] = options
         usage = StreamUsage(request, request.model)
         loop = asyncio.get_running_loop()
         async with self._counters.attempt():

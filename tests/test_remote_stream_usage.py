@@ -105,6 +105,14 @@ def test_asking_the_upstream_can_be_turned_off(upstream: UpstreamServer) -> None
     assert "stream_options" not in upstream.last_request().body
 
 
+def test_turned_off_it_stays_off_when_the_request_asks_for_usage(upstream: UpstreamServer) -> None:
+    # The router asks every backend stream for usage (to charge it): the upstream must still not see the field.
+    request = chat(stream=True, stream_options={"include_usage": True})
+    chunks, _ = collect(make(upstream, stream_usage=False), request)
+    assert "stream_options" not in upstream.last_request().body
+    assert chunks[-1]["usage"]["tiergate_estimated"] is True  # counted by the gateway instead
+
+
 def test_prompt_estimates() -> None:
     ids = CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2, 3], [4, 5]]})
     assert estimated_prompt_tokens(ids) == 5  # token ids are counted, not estimated
