@@ -8,16 +8,35 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import pytest
 from openai import OpenAI
 
 from tests.upstream import UpstreamServer
+
+
+class Startable(Protocol):
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+Part = TypeVar("Part", bound=Startable)
+
+
+@contextlib.asynccontextmanager
+async def started(part: Part) -> AsyncIterator[Part]:
+    """A backend or embedder started for the block and closed after it, in-process."""
+    await part.start()
+    try:
+        yield part
+    finally:
+        await part.aclose()
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "test-admin-key"  # every test server gets it as TIERGATE_ADMIN_KEY: /readyz details need it

@@ -11,8 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +41,7 @@ from backends.upstream_errors import (
 )
 from router.loader import load_policy
 from router.table import compile_policy
+from tests.conftest import started
 from tests.upstream import Behaviour, UpstreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,14 +164,6 @@ def make(upstream: UpstreamServer | str, **overrides: Any) -> LitellmBackend:
     settings = {"type": "litellm", "model": "openai/up-model", "api_base": api_base, "api_key": "secret", **overrides}
     return LitellmSettings.model_validate(settings).create("api")
 
-
-@asynccontextmanager
-async def started(backend: LitellmBackend) -> AsyncIterator[LitellmBackend]:
-    await backend.start()
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
 
 
 def run(work: Callable[[], Awaitable[T]]) -> T:

@@ -6,8 +6,7 @@ import asyncio
 import email.utils
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
@@ -37,6 +36,7 @@ from backends.upstream_errors import (
     UpstreamStreamBroken,
     UpstreamUnavailable,
 )
+from tests.conftest import started
 from tests.upstream import Behaviour, UpstreamServer
 
 T = TypeVar("T")
@@ -287,14 +287,6 @@ def make(upstream: UpstreamServer | str, **overrides: Any) -> OpenAICompatBacken
     settings = {"type": "openai", "base_url": base_url, "model": "up-model", "api_key": "secret", **overrides}
     return OpenAICompatSettings.model_validate(settings).create("remote")
 
-
-@asynccontextmanager
-async def started(backend: OpenAICompatBackend) -> AsyncIterator[OpenAICompatBackend]:
-    await backend.start()
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
 
 
 def run(work: Callable[[], Awaitable[T]]) -> T:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -15,6 +13,7 @@ from backends.errors import TiergateError
 from backends.openai_compat import OpenAICompatBackend, OpenAICompatSettings
 from backends.protocol import ChatRequest, CompletionRequest
 from backends.upstream_errors import UpstreamResponseTooLarge
+from tests.conftest import started
 from tests.upstream import Behaviour, UpstreamServer
 
 LIMIT = 64 * 1024
@@ -30,14 +29,6 @@ def make(upstream: UpstreamServer, **overrides: Any) -> OpenAICompatBackend:
     settings = {"type": "openai", "base_url": upstream.base_url, "model": "up-model", "max_response_bytes": LIMIT}
     return OpenAICompatSettings.model_validate({**settings, **overrides}).create("remote")
 
-
-@asynccontextmanager
-async def started(backend: OpenAICompatBackend) -> AsyncIterator[OpenAICompatBackend]:
-    await backend.start()
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
 
 
 def generate(backend: OpenAICompatBackend) -> Payload:

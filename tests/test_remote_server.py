@@ -6,8 +6,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +18,7 @@ from backends.errors import ContextLengthExceeded
 from backends.litellm_backend import LitellmSettings
 from backends.openai_compat import OpenAICompatSettings
 from backends.protocol import ChatRequest, CompletionRequest
-from tests.conftest import free_port
+from tests.conftest import free_port, started
 
 T = TypeVar("T")
 # litellm's own warning filters are reset by pytest for every test; see tests/test_litellm_backend.py.
@@ -98,14 +97,6 @@ def litellm_backend(url: str) -> Backend:
     settings = {"type": "litellm", "model": "openai/gemma", "api_base": url, "api_key": "unused"}
     return LitellmSettings.model_validate({**settings, "capabilities": {"max_context": 1024}}).create("via-litellm")
 
-
-@asynccontextmanager
-async def started(backend: Backend) -> AsyncIterator[Backend]:
-    await backend.start()
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
 
 
 def run(backend: Backend, work: Callable[[Backend], Awaitable[T]]) -> T:
