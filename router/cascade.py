@@ -13,7 +13,7 @@ from backends.errors import TiergateError
 from backends.protocol import ChatRequest, Message
 from router.attempts import Attempts, Plan
 from router.context import RequestContext
-from router.costs import Costs, Throughput, baseline, usage_of
+from router.costs import Costs, Throughput, charge, settle_baseline
 from router.learned import DifficultyLearner
 from router.outcomes import Outcome, OutcomeLog
 from router.table import Route
@@ -190,20 +190,12 @@ class Cascade:
         if last is None or last.payload is None:  # every tier errored: after_error raised already
             raise TiergateError("no tier answered")
         last.waited_s = waited
-        costs.baseline_usd = self._baseline(tiers, last.payload, costs)
+        settle_baseline(costs, tiers, last.payload.get("usage") or {}, self.throughput)
         if not last.validation.ok and settings.on_final_failure == "error":
             raise OutputInvalid(
                 f"the answer failed validation: {last.validation.reason} (attempts: {context.attempts()})"
             )
         return last
-
-    def _baseline(self, tiers: list[Backend], payload: Payload, costs: Costs) -> float:
-        """The top tier's price for this answer; a model with one tier saves nothing by definition."""
-        if len(tiers) == 1:
-            return costs.total_usd
-        prompt_tokens, completion_tokens = usage_of(payload)
-        top = baseline(tiers[-1], prompt_tokens, completion_tokens, self.throughput)
-        return costs.total_usd if top is None else top
 
     async def _judge(self, validators: list[Validator], payload: Payload, checks: Context) -> _Judged:
         verdict = await judge(validators, answer_text(payload), checks)
@@ -239,10 +231,7 @@ class Cascade:
         return _Judged(Verdict(False, "self_consistency: two samples disagree"), Escalation.SELF_CONSISTENCY)
 
     def _charge(self, costs: Costs, backend: Backend, payload: Payload, plan: Plan) -> None:
-        prompt_tokens, completion_tokens = usage_of(payload)
         busy = plan.attempts[-1].seconds if plan.attempts else 0.0
-        cost = backend.price.cost(prompt_tokens, completion_tokens, busy)
-        costs.total_usd += cost
-        self.throughput.record(backend.name, completion_tokens, busy)
+        cost = charge(costs, backend, payload.get("usage") or {}, busy, self.throughput)
         if plan.attempts:
             plan.attempts[-1].cost_usd = cost

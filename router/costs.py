@@ -17,8 +17,8 @@ class Costs:
         return self.baseline_usd - self.total_usd
 
 
-def usage_of(payload: Payload) -> tuple[int, int]:
-    usage = payload.get("usage") or {}
+def tokens_of(usage: Payload) -> tuple[int, int]:
+    """Prompt and completion tokens of an OpenAI `usage` object (0 for what it lacks)."""
     return int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
 
 
@@ -43,6 +43,25 @@ class Throughput:
     def busy_estimate(self, backend: str, completion_tokens: int) -> float | None:
         per_token = self.seconds_per_token.get(backend)
         return None if per_token is None else per_token * max(completion_tokens, 1)
+
+
+def charge(costs: Costs, backend: Backend, usage: Payload, busy: float, throughput: Throughput) -> float:
+    """Add what `backend` charges for an answer with this `usage` (and busy time) to `costs`; learn its speed."""
+    prompt_tokens, completion_tokens = tokens_of(usage)
+    cost = backend.price.cost(prompt_tokens, completion_tokens, busy)
+    costs.total_usd += cost
+    throughput.record(backend.name, completion_tokens, busy)
+    return cost
+
+
+def settle_baseline(costs: Costs, tiers: list[Backend], usage: Payload, throughput: Throughput) -> None:
+    """Set what the top tier would have charged for the answer; a model with one tier saves nothing by definition,
+    and neither does one whose hourly-priced top tier was never measured."""
+    top = None
+    if len(tiers) > 1:
+        prompt_tokens, completion_tokens = tokens_of(usage)
+        top = baseline(tiers[-1], prompt_tokens, completion_tokens, throughput)
+    costs.baseline_usd = costs.total_usd if top is None else top
 
 
 def baseline(top: Backend, prompt_tokens: int, completion_tokens: int, throughput: Throughput) -> float | None:

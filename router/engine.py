@@ -24,7 +24,7 @@ from backends.errors import (
 from backends.protocol import EmbeddingRequest, StreamOptions
 from router.cascade import Cascade, Guide, needs_buffering, skip_predicted_hard, validators_of
 from router.context import RequestContext
-from router.costs import Costs, baseline, usage_of
+from router.costs import Costs, charge, settle_baseline
 from router.replay import replay
 from router.runtime import Runtime
 from router.table import Route
@@ -286,13 +286,8 @@ def _charge_stream(
     usage: Payload,
     busy: float,
 ) -> None:
-    prompt_tokens, completion_tokens = usage_of({"usage": usage})
-    cost = backend.price.cost(prompt_tokens, completion_tokens, busy)
-    costs.total_usd += cost
-    runtime.throughput.record(backend.name, completion_tokens, busy)
-    tiers = found.tiers
-    top = baseline(tiers[-1], prompt_tokens, completion_tokens, runtime.throughput) if len(tiers) > 1 else None
-    costs.baseline_usd = costs.total_usd if top is None else top
+    cost = charge(costs, backend, usage, busy, runtime.throughput)
+    settle_baseline(costs, found.tiers, usage, runtime.throughput)
     for position in range(len(context.trace) - 1, -1, -1):
         attempt = context.trace[position]
         if attempt.backend == backend.name and attempt.ok:
