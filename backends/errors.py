@@ -82,6 +82,12 @@ class BodyTooLarge(TiergateError):
     code = "request_too_large"
 
 
+class HeadersTooLarge(TiergateError):
+    status = 431
+    error_type = "invalid_request_error"
+    code = "request_header_too_large"
+
+
 class RateLimited(TiergateError):
     status = 429
     error_type = "rate_limit_error"

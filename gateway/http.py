@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from backends.errors import BadRequest, BodyTooLarge, TiergateError
+from backends.errors import BadRequest, BodyTooLarge, HeadersTooLarge, TiergateError
 
 Model = TypeVar("Model", bound=BaseModel)
 T = TypeVar("T")
@@ -27,11 +27,6 @@ HEADER_VALUE_LIMIT = 1024
 
 class ClientGone(Exception):
     """The client closed the connection; nothing is left to answer."""
-
-
-class HeadersTooLarge(BadRequest):
-    status = 431
-    code = "request_header_too_large"
 
 
 def header_value(text: str, limit: int = 200) -> str:
