@@ -6,6 +6,7 @@ import itertools
 import secrets
 from dataclasses import dataclass, field
 
+from router.store.base import KeyRecord
 from router.trace import Attempt, render
 
 _PROCESS = secrets.token_hex(6)  # unique enough across replicas and restarts
@@ -19,10 +20,15 @@ def new_request_id() -> str:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking. Empty until API keys and teams exist; limits and budgets will key on it."""
+    """Who is asking, as authentication found out (router/access.py); limits, budgets and caches key on it.
+
+    `key_id` is "" for an anonymous caller (no authentication configured), "static" for a `server.api_keys`
+    key, or a managed key's id. `team` is "" when the caller belongs to no team.
+    """
 
     key_id: str = ""
     team: str = ""
+    key: KeyRecord | None = None  # the managed key's record: its models, limits and budget
 
 
 @dataclass

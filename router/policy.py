@@ -35,6 +35,11 @@ class ServerSettings(Section):
         description="Largest request head (path, query and all headers, Authorization included, in bytes); "
         "larger ones get 431 before routing or authentication.",
     )
+    managed_keys: bool = Field(
+        False,
+        description="Clients need a managed key (created with POST /admin/keys or `tiergate keys create`); the "
+        "keys in `api_keys` keep working too. Off: only `api_keys` (or no authentication when that is empty).",
+    )
     readyz_details: bool = Field(
         False,
         description="Serve /readyz details (backends, upstream URLs, load errors, circuits) to anyone when "
@@ -59,6 +64,21 @@ class ReliabilitySettings(Section):
 STATE_BREAKER = BreakerSettings(consecutive_failures=3, cooldown_s=1.0)
 
 
+class FailureSettings(Section):
+    """What a request gets while the store cannot answer (Redis down, slow or restarting). The response cache
+    always fails open (requests go to the backends); managed keys always fail closed (503: they cannot be checked)."""
+
+    rate_limits: Literal["open", "closed"] = Field(
+        "open", description="open: requests pass unlimited while the store is down; closed: 503."
+    )
+    budgets: Literal["open", "closed"] = Field(
+        "closed", description="closed: requests that spend from a budget get 503; open: they pass unaccounted."
+    )
+    concurrency: Literal["open", "closed"] = Field(
+        "open", description="Concurrency caps (max_concurrent): open: not enforced while down; closed: 503."
+    )
+
+
 class StateSettings(Section):
     """Shared state (keys, rate limits, budgets, caches, logs) in Redis. Without this section: in process memory."""
 
@@ -76,6 +96,9 @@ class StateSettings(Section):
         default=STATE_BREAKER,
         description="After this many failed calls in a row, store calls fail at once; one probe per cooldown.",
     )
+    on_failure: FailureSettings = Field(
+        default_factory=FailureSettings, description="Limits and budgets while the store is unreachable."
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -84,6 +107,22 @@ class StateSettings(Section):
         if url and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return url
+
+
+Period = Literal["day", "month"]
+
+
+class LimitSettings(Section):
+    """Limits of a team (and, in the same shape, of a managed key). Unset: no limit."""
+
+    models: list[str] | None = Field(None, description="Models its callers may use (unset: every model).")
+    rpm: int | None = Field(None, ge=1, description="Requests per minute (GCRA: a burst of rpm, refilling evenly).")
+    tpm: int | None = Field(
+        None, ge=1, description="Tokens per minute, counted when admitted as estimated prompt tokens + max_tokens."
+    )
+    budget_usd: float | None = Field(None, gt=0, description="Spend allowed per budget_period, in USD.")
+    budget_period: Period = Field("day", description="day or month (UTC calendar periods).")
+    max_concurrent: int | None = Field(None, ge=1, description="Requests in flight at once.")
 
 
 EscalationReason = Literal["invalid_output", "low_confidence", "error", "predicted_hard"]
@@ -215,6 +254,10 @@ class Policy(Section):
     )
     models: Annotated[dict[str, ModelRoute], Field(min_length=1)] = Field(
         description="Public model names and where each one goes."
+    )
+    teams: dict[str, LimitSettings] = Field(
+        default_factory=dict,
+        description="Teams by name: limits shared by every key of the team (a key's own limits apply as well).",
     )
     state: StateSettings | None = Field(
         None, description="Where shared state lives: Redis (shared by replicas and workers); absent: process memory."

@@ -10,7 +10,7 @@ from typing import Literal
 from backends.errors import NotFound
 from backends.registry import BackendSettings, EmbedderSettings
 from router.loader import LoadedPolicy, Location, PolicyError
-from router.policy import ModelRoute, ReliabilitySettings, ServerSettings, StateSettings
+from router.policy import LimitSettings, ModelRoute, ReliabilitySettings, ServerSettings, StateSettings
 from router.reliability import BreakerSettings, RetrySettings
 from router.validator_compile import problems as validator_problems
 from router.validators import Validator, build
@@ -47,6 +47,7 @@ class RoutingTable:
     disabled: Mapping[str, str]  # backend name -> why it cannot serve
     reliability: ReliabilitySettings = field(default_factory=ReliabilitySettings)
     state: StateSettings | None = None  # where shared state lives (None: process memory); see store_from
+    teams: Mapping[str, LimitSettings] = field(default_factory=dict)
 
     def route(self, model: str) -> Route:
         found = self.routes.get(model)
@@ -124,6 +125,11 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
                 problems.append(f"{loaded.where(locations[index])}: '{target}' appears twice in this model's backends")
         routes[name] = _route(name, kind, model, policy.server, policy.reliability)
 
+    for team_name, team in policy.teams.items():
+        for index, model_name in enumerate(team.models or []):
+            if model_name not in policy.models:
+                where = loaded.where(("teams", team_name, "models", index))
+                problems.append(f"{where}: unknown model '{model_name}' ({_known(policy.models)})")
     if problems:
         raise PolicyError(problems)
     return RoutingTable(
@@ -135,6 +141,7 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
         disabled=MappingProxyType(disabled),
         reliability=policy.reliability,
         state=policy.state,
+        teams=MappingProxyType(dict(policy.teams)),
     )
 
 
