@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from router.store import BudgetRefusal, BudgetScope, KeyRecord, MemoryStore, RedisStore, Reservation, Store
+from router.store import BudgetRefusal, BudgetScope, KeyRecord, MemoryStore, RateLimit, RedisStore, Reservation, Store
 from tests.redis_server import RedisServer
 
 Factory = Callable[[], Store]
@@ -309,3 +309,30 @@ def test_logs_keep_the_newest_items_up_to_their_cap(new_store: Factory) -> None:
         assert len(await first.log_read("parallel", 1000)) == 50
 
     run(new_store, scenario, replicas=2)
+
+
+def test_hit_all_is_all_or_nothing_across_scopes(new_store: Factory) -> None:
+    async def check(store: Store) -> None:
+        requests = RateLimit("key:k:rpm", 10, 60.0)
+        assert all(d.allowed for d in await store.hit_all([requests, RateLimit("team:t:tpm", 1000, 60.0, cost=900)]))
+        refused = await store.hit_all([requests, RateLimit("team:t:tpm", 1000, 60.0, cost=200)])
+        assert [d.allowed for d in refused] == [True, False]
+        assert refused[0].remaining == 9  # the request that would have fit took nothing: the tokens refused it
+        assert refused[1].retry_after_s > 0
+        after = await store.hit_all([requests, RateLimit("team:t:tpm", 1000, 60.0, cost=100)])
+        assert [d.remaining for d in after] == [8, 0]
+
+    run(new_store, check)
+
+
+def test_a_forced_hit_always_consumes_and_leaves_debt(new_store: Factory) -> None:
+    async def check(store: Store) -> None:
+        assert (await store.hit("tokens", 1000, 60.0, cost=800)).allowed
+        forced = await store.hit_all([RateLimit("tokens", 1000, 60.0, cost=700, force=True)])
+        assert forced[0].allowed and forced[0].remaining == 0  # 1500 of 1000: in debt
+        refused = await store.hit("tokens", 1000, 60.0, cost=1)
+        assert not refused.allowed and refused.retry_after_s > 29  # 500 tokens of debt + 1 drain at 1000/min
+        huge = await store.hit_all([RateLimit("tokens2", 1000, 60.0, cost=10**6, force=True)])
+        assert huge[0].allowed and huge[0].reset_s == pytest.approx(120, abs=1)  # capped at one window of debt
+
+    run(new_store, check)

@@ -66,6 +66,18 @@ class KeyRecord:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """One hit on one limit: spend `cost` of `limit` per `window_s` in `scope`. A forced hit always consumes (the
+    tokens an answer used beyond what was counted when it was admitted) and never refuses the others."""
+
+    scope: str
+    limit: int
+    window_s: float
+    cost: int = 1
+    force: bool = False
+
+
+@dataclass(frozen=True)
 class RateDecision:
     allowed: bool
     remaining: int  # hits of cost 1 still allowed now
@@ -177,6 +189,11 @@ class Store(Protocol):
         Exact across replicas: N concurrent hits of cost 1 within a window of a fresh scope allow exactly
         `limit`. A refused hit consumes nothing. A cost above the limit is always refused.
         """
+        ...
+
+    async def hit_all(self, limits: Sequence[RateLimit]) -> list[RateDecision]:
+        """`hit` on every limit at once, all or nothing (one atomic step): when one unforced hit is refused,
+        nothing is consumed in any scope. One decision per limit, in order."""
         ...
 
     # --- budgets ---

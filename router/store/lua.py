@@ -13,24 +13,35 @@ local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
 """
 
-# KEYS[1] bucket hash; ARGV limit, window_us, cost -> {allowed, level} (router/store/gcra.py, line for line)
-HIT = (
+# KEYS bucket hashes; ARGV (limit, window_us, cost, force) per key -> {fits, level} per key, flattened
+# (router/store/gcra.py gcra_all, line for line: all hits are written, or none when an unforced one is refused)
+HIT_ALL = (
     NOW_US
     + """
-local limit, window, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local capacity = limit * window
-local stored = redis.call('HMGET', KEYS[1], 'level', 'last')
-local level, last = tonumber(stored[1] or '0'), tonumber(stored[2] or '0')
-local elapsed = math.min(math.max(now_us - last, 0), window)
-level = math.max(level - elapsed * limit, 0)
-local need = cost * window
-if cost > limit or level + need > capacity then
-  return {0, string.format('%.0f', level)}
+local levels, fits, all_fit = {}, {}, true
+for i = 1, #KEYS do
+  local limit, window, cost, force = tonumber(ARGV[4*i-3]), tonumber(ARGV[4*i-2]), tonumber(ARGV[4*i-1]), ARGV[4*i]
+  local stored = redis.call('HMGET', KEYS[i], 'level', 'last')
+  local level, last = tonumber(stored[1] or '0'), tonumber(stored[2] or '0')
+  local elapsed = math.min(math.max(now_us - last, 0), window)
+  level = math.max(level - elapsed * limit, 0)
+  local fit = force == '1' or (cost <= limit and level + cost * window <= limit * window)
+  levels[i], fits[i] = level, fit
+  all_fit = all_fit and fit
 end
-level = level + need
-redis.call('HSET', KEYS[1], 'level', string.format('%.0f', level), 'last', string.format('%.0f', now_us))
-redis.call('PEXPIRE', KEYS[1], math.floor(level / limit / 1000) + 1)
-return {1, string.format('%.0f', level)}
+local out = {}
+for i = 1, #KEYS do
+  local limit, window, cost = tonumber(ARGV[4*i-3]), tonumber(ARGV[4*i-2]), tonumber(ARGV[4*i-1])
+  local level = levels[i]
+  if all_fit then
+    level = math.min(level + cost * window, 2 * limit * window)
+    redis.call('HSET', KEYS[i], 'level', string.format('%.0f', level), 'last', string.format('%.0f', now_us))
+    redis.call('PEXPIRE', KEYS[i], math.floor(level / limit / 1000) + 1)
+  end
+  out[2*i-1] = fits[i] and 1 or 0
+  out[2*i] = string.format('%.0f', level)
+end
+return out
 """
 )
 

@@ -20,6 +20,7 @@ from router.store.base import (
     Lease,
     Period,
     RateDecision,
+    RateLimit,
     Reservation,
     Spend,
     check_positive,
@@ -28,7 +29,7 @@ from router.store.base import (
     to_usd,
     window_of,
 )
-from router.store.gcra import Bucket, gcra
+from router.store.gcra import Bucket, gcra_all
 
 Clock = Callable[[], float]
 
@@ -102,14 +103,21 @@ class MemoryStore:
     # --- rate limits ---
 
     async def hit(self, scope: str, limit: int, window_s: float, cost: int = 1) -> RateDecision:
+        return (await self.hit_all([RateLimit(scope, limit, window_s, cost)]))[0]
+
+    async def hit_all(self, limits: Sequence[RateLimit]) -> list[RateDecision]:
+        if len({limit.scope for limit in limits}) != len(limits):
+            raise ValueError("hit_all names the same scope twice")
         now = self._now()
-        now_us = round(now * 1e6)
-        found = self._buckets.get(scope)
-        bucket = found[0] if found is not None and found[1] > now else Bucket()
-        decision, updated = gcra(bucket, now_us, limit, window_s, cost)
+        buckets = []
+        for limit in limits:
+            found = self._buckets.get(limit.scope)
+            buckets.append(found[0] if found is not None and found[1] > now else Bucket())
+        decisions, updated = gcra_all(buckets, round(now * 1e6), limits)
         if updated is not None:
-            self._buckets[scope] = (updated, now + decision.reset_s)
-        return decision
+            for limit, bucket, decided in zip(limits, updated, decisions, strict=True):
+                self._buckets[limit.scope] = (bucket, now + decided.reset_s)
+        return decisions
 
     # --- budgets ---
 

@@ -37,6 +37,7 @@ from router.store.base import (
     Lease,
     Period,
     RateDecision,
+    RateLimit,
     Reservation,
     Spend,
     check_positive,
@@ -115,7 +116,7 @@ class RedisStore:
             retry=no_retry,
         )
         self.client = redis.Redis(connection_pool=pool, retry=no_retry)
-        self._hit = self.client.register_script(lua.HIT)
+        self._hit_all = self.client.register_script(lua.HIT_ALL)
         self._put_key = self.client.register_script(lua.PUT_KEY)
         self._delete_key = self.client.register_script(lua.DELETE_KEY)
         self._find_key = self.client.register_script(lua.FIND_KEY)
@@ -240,9 +241,23 @@ class RedisStore:
     # --- rate limits ---
 
     async def hit(self, scope: str, limit: int, window_s: float, cost: int = 1) -> RateDecision:
-        window = window_us(limit, window_s)
-        allowed, level = await self._call(lambda: self._hit(keys=[self.key("rate", scope)], args=[limit, window, cost]))
-        return decision(allowed == 1, int(level), limit, window, cost)
+        return (await self.hit_all([RateLimit(scope, limit, window_s, cost)]))[0]
+
+    async def hit_all(self, limits: Sequence[RateLimit]) -> list[RateDecision]:
+        if len({limit.scope for limit in limits}) != len(limits):
+            raise ValueError("hit_all names the same scope twice")
+        windows = [window_us(limit.limit, limit.window_s) for limit in limits]
+        keys = [self.key("rate", limit.scope) for limit in limits]
+        args: list[int] = []
+        for limit, window in zip(limits, windows, strict=True):
+            args += [limit.limit, window, limit.cost, int(limit.force)]
+        answer = await self._call(lambda: self._hit_all(keys=keys, args=args))
+        fits = [int(flag) == 1 for flag in answer[0::2]]
+        consumed = all(fits)
+        return [
+            decision(fit, int(level), limit.limit, window, limit.cost if consumed or not fit else 0)
+            for fit, level, limit, window in zip(fits, answer[1::2], limits, windows, strict=True)
+        ]
 
     # --- budgets ---
 
