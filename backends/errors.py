@@ -94,6 +94,30 @@ class RateLimited(TiergateError):
     code = "rate_limit_exceeded"
 
 
+class LimitExceeded(RateLimited):
+    """The gateway's own limit (requests, tokens or concurrent requests of a key or team): OpenAI's headers
+    say which limit and when it resets, and the SDKs retry after Retry-After."""
+
+    def __init__(self, message: str, *, retry_after: float, limit_headers: dict[str, str]) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.limit_headers = limit_headers
+
+    def headers(self) -> dict[str, str]:
+        return {**self.limit_headers, **super().headers()}
+
+
+class BudgetExceeded(TiergateError):
+    """A budget cannot hold this request's worst-case cost: OpenAI's insufficient_quota shape. Retrying cannot
+    help before the period ends, so the SDKs are told not to (`x-should-retry: false`)."""
+
+    status = 429
+    error_type = "insufficient_quota"
+    code = "budget_exceeded"
+
+    def headers(self) -> dict[str, str]:
+        return {"x-should-retry": "false", **super().headers()}
+
+
 # --- the gateway's own load shedding: retry later, but the backend is healthy ---
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -14,11 +13,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from backends.errors import AuthenticationFailed, InternalError, NotFound, TiergateError
+from backends.errors import InternalError, NotFound, TiergateError
 from backends.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
 from gateway.http import ClientGone, error_response, header_value, json_response, parse, read_json, unless_disconnected
 from gateway.sse import EventStream
 from router import engine
+from router.access import allowed_models, authenticate, check_model
+from router.admission import Admission, admit, finish
 from router.context import RequestContext
 from router.engine import Answer, Stream
 from router.runtime import Runtime, RuntimeRef
@@ -51,17 +52,6 @@ def gateway_of(request: Request) -> Gateway:
     return state
 
 
-def authorize(request: Request, keys: list[str]) -> None:
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'")
-    if not any(hmac.compare_digest(token.encode(), key.encode()) for key in keys):
-        raise AuthenticationFailed("Incorrect API key provided")
-
-
 def openai_endpoint(handler: Endpoint) -> Endpoint:
     """Authentication, error translation and one access-log line (never the prompt or the key)."""
 
@@ -70,8 +60,10 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
         gateway = gateway_of(request)
         context = RequestContext()
         request.state.context = context
+        runtime = gateway.runtime  # taken once: a policy swapped meanwhile does not change this request's table
+        request.state.runtime = runtime
         try:
-            authorize(request, gateway.table.server.api_keys)
+            context.caller = await authenticate(runtime.table, runtime.store, request.headers.get("authorization", ""))
             response = await handler(request)
         except TiergateError as error:
             response = error_response(error)
@@ -102,6 +94,10 @@ def _access_line(
         "ms": round((time.perf_counter() - began) * 1000, 2),
         "request_id": context.request_id,
     }
+    if context.caller.key_id:
+        record["key"] = context.caller.key_id  # the key's id, never the key
+    if context.caller.team:
+        record["team"] = context.caller.team
     if context.trace:
         record["attempts"] = context.attempts()
     for key, value in response.headers.items():
@@ -144,19 +140,43 @@ def transparency(answer: Answer | Stream, context: RequestContext, began: float)
 
 async def _generation(request: Request, schema: type[ChatRequest] | type[CompletionRequest]) -> Response:
     began = time.perf_counter()
-    gateway = gateway_of(request)
-    parsed = parse(schema, await read_json(request, gateway.table.server.max_body_bytes))
-    if gateway.table.server.log_prompts:
+    runtime: Runtime = request.state.runtime
+    table = runtime.table
+    parsed = parse(schema, await read_json(request, table.server.max_body_bytes))
+    if table.server.log_prompts:
         request.state.prompt = prompt_text(parsed)
     context: RequestContext = request.state.context
-    runtime = gateway.runtime  # taken once: a policy swapped meanwhile does not change this request's table
+    check_model(table, context.caller, parsed.model)
+    admission = await admit(runtime, context.caller, table.route(parsed.model), parsed)
     # The router enforces the model's deadline on every attempt (queueing included).
     if parsed.stream:
-        stream = await unless_disconnected(request.receive, engine.stream(runtime, parsed, context))
+        try:
+            stream = await unless_disconnected(request.receive, engine.stream(runtime, parsed, context))
+        except BaseException:
+            await finish(runtime, admission, spent_by_attempts(context), 0)
+            raise
         request.state.stream = stream
-        return EventStream(stream.first, stream.chunks, stream.deadline, transparency(stream, context, began))
-    answer = await unless_disconnected(request.receive, engine.generate(runtime, parsed, context))
-    return json_response(answer.payload, headers=transparency(answer, context, began))
+        headers = {**transparency(stream, context, began), **admission.headers()}
+        response = EventStream(stream.first, stream.chunks, stream.deadline, headers)
+        response.settle = lambda: finish(runtime, admission, stream.costs.total_usd, stream.costs.tokens)
+        return response
+    try:
+        answer = await unless_disconnected(request.receive, engine.generate(runtime, parsed, context))
+    except BaseException:
+        await finish(runtime, admission, spent_by_attempts(context), 0)
+        raise
+    await finish(runtime, admission, answer.costs.total_usd if answer.costs else 0.0, _tokens(answer.payload))
+    return json_response(answer.payload, headers={**transparency(answer, context, began), **admission.headers()})
+
+
+def spent_by_attempts(context: RequestContext) -> float:
+    """What a request that did not complete cost: the attempts that answered (e.g. before a failed validation)."""
+    return sum(attempt.cost_usd for attempt in context.trace)
+
+
+def _tokens(payload: dict[str, Any]) -> int:
+    usage = payload.get("usage") or {}
+    return int(usage.get("total_tokens", 0))
 
 
 async def chat_completions(request: Request) -> Response:
@@ -168,12 +188,18 @@ async def completions(request: Request) -> Response:
 
 
 async def embeddings(request: Request) -> Response:
-    gateway = gateway_of(request)
-    parsed = parse(EmbeddingRequest, await read_json(request, gateway.table.server.max_body_bytes))
-    payload = await unless_disconnected(
-        request.receive, engine.embed(gateway.runtime, parsed, request.state.context)
-    )
-    return json_response(payload)
+    runtime: Runtime = request.state.runtime
+    table = runtime.table
+    parsed = parse(EmbeddingRequest, await read_json(request, table.server.max_body_bytes))
+    context: RequestContext = request.state.context
+    check_model(table, context.caller, parsed.model)
+    admission: Admission = await admit(runtime, context.caller, table.route(parsed.model), parsed)
+    payload: dict[str, Any] = {}
+    try:
+        payload = await unless_disconnected(request.receive, engine.embed(runtime, parsed, context))
+    finally:
+        await finish(runtime, admission, 0.0, _tokens(payload))
+    return json_response(payload, headers=admission.headers())
 
 
 def _model_entry(name: str, created: int) -> dict[str, Any]:
@@ -181,15 +207,21 @@ def _model_entry(name: str, created: int) -> dict[str, Any]:
 
 
 async def list_models(request: Request) -> Response:
+    """The models the caller's key may use."""
     gateway = gateway_of(request)
+    table: RoutingTable = request.state.runtime.table
     created = int(gateway.started)
-    return json_response({"object": "list", "data": [_model_entry(name, created) for name in gateway.table.routes]})
+    allowed = allowed_models(table, request.state.context.caller)
+    names = [name for name in table.routes if allowed is None or name in allowed]
+    return json_response({"object": "list", "data": [_model_entry(name, created) for name in names]})
 
 
 async def get_model(request: Request) -> Response:
     gateway = gateway_of(request)
+    table: RoutingTable = request.state.runtime.table
     name = request.path_params["model"]
-    if name not in gateway.table.routes:
+    check_model(table, request.state.context.caller, name)
+    if name not in table.routes:
         raise NotFound(f"The model '{name}' does not exist", param="model")
     return json_response(_model_entry(name, int(gateway.started)))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 from starlette.responses import Response
@@ -43,6 +43,7 @@ class EventStream(Response):
         # Called once when the stream is over, with how it ended ("done", "client_closed", "deadline_exceeded" or
         # an error code): the access log line of a stream is written then, with its complete cost.
         self.on_end: Callable[[str], None] | None = None
+        self.settle: Callable[[], Awaitable[None]] | None = None  # after the last chunk (limits, budgets)
         self.ended = "client_closed"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,6 +58,8 @@ class EventStream(Response):
                 pump.cancel()  # the client left: stop generating, free the model
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await pump
+            if self.settle is not None:
+                await self.settle()
             if self.on_end is not None:
                 self.on_end(self.ended)
 

@@ -11,6 +11,7 @@ from backends.base import Backend, Payload
 class Costs:
     total_usd: float = 0.0
     baseline_usd: float = 0.0  # answering with the model's top tier directly
+    tokens: int = 0  # prompt + completion tokens of every charged attempt (what token limits count)
 
     @property
     def saved_usd(self) -> float:
@@ -50,6 +51,7 @@ def charge(costs: Costs, backend: Backend, usage: Payload, busy: float, throughp
     prompt_tokens, completion_tokens = tokens_of(usage)
     cost = backend.price.cost(prompt_tokens, completion_tokens, busy)
     costs.total_usd += cost
+    costs.tokens += prompt_tokens + completion_tokens
     throughput.record(backend.name, completion_tokens, busy)
     return cost
 

@@ -1,0 +1,77 @@
+"""Who is asking and what they may use: a bearer token turned into a Caller, and the models a caller may call.
+
+Static keys (`server.api_keys`) are checked in process; managed keys (`server.managed_keys`) are looked up in
+the store on every request (one round trip), so a revoked key is refused by every replica at once. When the
+store cannot answer, managed keys fail closed: 503, never a request let in unchecked.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Iterable
+
+from backends.errors import AuthenticationFailed, NotFound
+from router.context import Caller
+from router.store import Store, hash_api_key
+from router.table import RoutingTable
+
+ANONYMOUS = Caller()
+STATIC = "static"  # the key id of every `server.api_keys` key: they have no team and no limits of their own
+
+
+def needs_key(table: RoutingTable) -> bool:
+    return bool(table.server.api_keys) or table.server.managed_keys
+
+
+def bearer(authorization: str) -> str | None:
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def is_static_key(table: RoutingTable, token: str) -> bool:
+    encoded = token.encode()
+    return any(hmac.compare_digest(encoded, key.encode()) for key in table.server.api_keys)
+
+
+async def authenticate(table: RoutingTable, store: Store, authorization: str, now: float | None = None) -> Caller:
+    """The caller behind an Authorization header; AuthenticationFailed (401) when a key is needed and not valid."""
+    if not needs_key(table):
+        return ANONYMOUS
+    token = bearer(authorization)
+    if token is None:
+        raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'")
+    if is_static_key(table, token):
+        return Caller(STATIC)
+    if table.server.managed_keys:
+        record = await store.find_key(hash_api_key(token))  # StoreUnavailable (503) when it cannot be checked
+        if record is not None:
+            at = time.time() if now is None else now
+            if record.revoked_at is not None:
+                raise AuthenticationFailed("This API key has been revoked", code="revoked_api_key")
+            if record.expires_at is not None and record.expires_at <= at:
+                raise AuthenticationFailed("This API key has expired", code="expired_api_key")
+            return Caller(record.id, record.team, record)
+    raise AuthenticationFailed("Incorrect API key provided")
+
+
+def allowed_models(table: RoutingTable, caller: Caller) -> frozenset[str] | None:
+    """The model names the caller may use; None: every model. A key's list and its team's list both apply."""
+    allowed: frozenset[str] | None = None
+    lists: list[Iterable[str]] = []
+    if caller.key is not None and caller.key.models:
+        lists.append(caller.key.models)
+    team = table.teams.get(caller.team)
+    if team is not None and team.models is not None:
+        lists.append(team.models)
+    for names in lists:
+        allowed = frozenset(names) if allowed is None else allowed & frozenset(names)
+    return allowed
+
+
+def check_model(table: RoutingTable, caller: Caller, model: str) -> None:
+    """Refuse a model the caller may not use as OpenAI does: as if it did not exist (404, model_not_found)."""
+    allowed = allowed_models(table, caller)
+    if allowed is not None and model not in allowed:
+        raise NotFound(f"The model '{model}' does not exist or your key cannot use it", param="model")

@@ -1,0 +1,309 @@
+"""Admission: a request's rate limits, concurrency caps and budget hold, taken in the store before any backend runs.
+
+Order, each step in the store (never a per-process counter, which would multiply a limit by the replicas):
+1. requests and tokens per minute of the key and of its team, in one atomic `hit_all` (all or nothing);
+2. a concurrency lease per key and per team;
+3. the request's worst-case cost held in every budget that applies, atomically (`reserve`).
+A refused step undoes the ones before it (leases released, nothing held), so a refused request costs nothing.
+`finish` settles the hold with the real cost and counts the tokens used beyond what step 1 counted.
+
+While the store cannot answer, each kind follows `state.on_failure` (open: not enforced, closed: 503).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+
+from backends.base import Backend, GenerationRequest
+from backends.errors import BudgetExceeded, LimitExceeded, StoreUnavailable
+from backends.protocol import ChatRequest, EmbeddingRequest
+from router.context import Caller
+from router.policy import FailureSettings, LimitSettings
+from router.runtime import Runtime
+from router.store import BudgetRefusal, BudgetScope, Lease, RateDecision, RateLimit, Reservation
+from router.table import Route, RoutingTable
+from router.validators import prompt_text
+
+log = logging.getLogger("tiergate")
+
+MINUTE_S = 60.0
+LEASE_SLACK_S = 30.0  # a lease outlives its request's deadline by this much, then lapses by itself
+HOLD_SLACK_S = 60.0
+MESSAGE_OVERHEAD_TOKENS = 8  # role markers of a chat template, per message (an upper bound for the models here)
+NO_FAILURES = FailureSettings()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits that apply to a caller: its key's and its team's, each optional."""
+
+    key: LimitSettings | None
+    team: LimitSettings | None
+    key_scope: str
+    team_scope: str
+
+    def pairs(self) -> list[tuple[str, LimitSettings]]:
+        found = [(self.key_scope, self.key), (self.team_scope, self.team)]
+        return [(scope, settings) for scope, settings in found if settings is not None]
+
+
+def limits_of(table: RoutingTable, caller: Caller) -> Limits:
+    key_settings = None
+    if caller.key is not None:
+        record = caller.key
+        key_settings = LimitSettings(
+            rpm=record.rpm,
+            tpm=record.tpm,
+            budget_usd=record.budget_usd,
+            budget_period=record.budget_period,
+            max_concurrent=record.max_concurrent,
+        )
+    return Limits(key_settings, table.teams.get(caller.team), f"key:{caller.key_id}", f"team:{caller.team}")
+
+
+@dataclass
+class Admission:
+    """What an admitted request holds until it finishes."""
+
+    caller: Caller
+    request_limits: list[tuple[RateLimit, RateDecision]] = field(default_factory=list)
+    token_limits: list[RateLimit] = field(default_factory=list)  # as counted: tokens used beyond are added after
+    leases: list[Lease] = field(default_factory=list)
+    reservation: Reservation | None = None
+    unenforced: list[str] = field(default_factory=list)  # what the store could not check (on_failure: open)
+    finished: bool = False
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers, from the tightest request and token limits (none without limits)."""
+        return limit_headers(self.request_limits)
+
+
+def limit_headers(decided: list[tuple[RateLimit, RateDecision]]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for kind, unit_cost in (("requests", False), ("tokens", True)):
+        mine = [(limit, decision) for limit, decision in decided if limit.scope.endswith(":tpm") == unit_cost]
+        if not mine:
+            continue
+        limit, decision = min(mine, key=lambda pair: pair[1].remaining)
+        headers[f"x-ratelimit-limit-{kind}"] = str(limit.limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(decision.remaining)
+        headers[f"x-ratelimit-reset-{kind}"] = duration(decision.reset_s)
+    return headers
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: 20ms, 1.5s, 6m0s."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def estimated_prompt_tokens(request: GenerationRequest | EmbeddingRequest) -> int:
+    """An upper bound on the prompt's tokens: its UTF-8 bytes (a byte-level BPE token covers at least one byte),
+    plus a chat template's markers per message."""
+    if isinstance(request, EmbeddingRequest):
+        items = [request.input] if isinstance(request.input, str) else request.input
+        total = 0
+        for item in items:
+            total += len(item.encode()) if isinstance(item, str) else len(item) if isinstance(item, list) else 1
+        return total
+    overhead = MESSAGE_OVERHEAD_TOKENS * (len(request.messages) + 1) if isinstance(request, ChatRequest) else 0
+    return len(prompt_text(request).encode()) + overhead
+
+
+def completion_limit(request: GenerationRequest | EmbeddingRequest) -> int | None:
+    if isinstance(request, EmbeddingRequest):
+        return None
+    return request.token_limit() if isinstance(request, ChatRequest) else request.max_tokens
+
+
+def tiers_of(table: RoutingTable, route: Route) -> list[tuple[str, bool]]:
+    """Every backend a request of `route` may run on, with whether it may run twice (self-consistency)."""
+    if route.kind == "intent":
+        found: dict[str, bool] = {}
+        for model in dict.fromkeys(route.targets):
+            for name, twice in tiers_of(table, table.route(model)):
+                found[name] = found.get(name, False) or twice
+        return list(found.items())
+    settings = route.settings
+    twice = settings is not None and settings.self_consistency is not None
+    last = len(route.targets) - 1
+    return [(name, twice and index < last) for index, name in enumerate(route.targets)] + [
+        (name, False) for name in route.fallbacks
+    ]
+
+
+def worst_case_usd(runtime: Runtime, route: Route, request: GenerationRequest, prompt_tokens: int) -> float:
+    """What the request could cost at most: every tier it may reach answering with its whole token limit (the
+    model's context when the request sets none), hourly-priced tiers busy until the deadline."""
+    total = 0.0
+    for name, twice in tiers_of(runtime.table, route):
+        backend: Backend | None = runtime.backends.get(name)
+        if backend is None:
+            continue
+        room = max(backend.capabilities.max_context - min(prompt_tokens, backend.capabilities.max_context), 0)
+        limit = completion_limit(request)
+        completion = room if limit is None else min(limit, max(room, 1))
+        cost = backend.price.cost(prompt_tokens, completion, route.timeout_s if backend.price.per_hour else 0.0)
+        total += cost * (2 if twice else 1)
+    return total
+
+
+def _failures(runtime: Runtime) -> FailureSettings:
+    state = runtime.table.state
+    return state.on_failure if state is not None else NO_FAILURES
+
+
+def _fail(kind: str, mode: str, error: StoreUnavailable, admission: Admission) -> None:
+    if mode == "closed":
+        raise error
+    admission.unenforced.append(kind)
+    log.warning("store unavailable: %s not enforced for this request (%s)", kind, error.code)
+
+
+async def admit(
+    runtime: Runtime,
+    caller: Caller,
+    route: Route,
+    request: GenerationRequest | EmbeddingRequest,
+) -> Admission:
+    """Take the request's limits, leases and budget hold, or raise LimitExceeded / BudgetExceeded (nothing held)."""
+    admission = Admission(caller)
+    limits = limits_of(runtime.table, caller)
+    pairs = limits.pairs()
+    if not pairs:
+        return admission
+    failures = _failures(runtime)
+    prompt_tokens = estimated_prompt_tokens(request)
+    await _rate_limits(runtime, admission, pairs, prompt_tokens + (completion_limit(request) or 0), failures)
+    try:
+        await _leases(runtime, admission, pairs, route.timeout_s + LEASE_SLACK_S, failures)
+        if not isinstance(request, EmbeddingRequest):
+            await _hold(runtime, admission, pairs, worst_case_usd(runtime, route, request, prompt_tokens), route)
+    except BaseException:
+        await _release_leases(runtime, admission)
+        raise
+    return admission
+
+
+async def _rate_limits(
+    runtime: Runtime,
+    admission: Admission,
+    pairs: list[tuple[str, LimitSettings]],
+    tokens: int,
+    failures: FailureSettings,
+) -> None:
+    hits: list[RateLimit] = []
+    for scope, settings in pairs:
+        if settings.rpm is not None:
+            hits.append(RateLimit(f"{scope}:rpm", settings.rpm, MINUTE_S))
+        if settings.tpm is not None:
+            hits.append(RateLimit(f"{scope}:tpm", settings.tpm, MINUTE_S, cost=max(1, min(tokens, settings.tpm))))
+    if not hits:
+        return
+    try:
+        decisions = await runtime.store.hit_all(hits)
+    except StoreUnavailable as error:
+        _fail("rate limits", failures.rate_limits, error, admission)
+        return
+    decided = list(zip(hits, decisions, strict=True))
+    refused = [(limit, decision) for limit, decision in decided if not decision.allowed]
+    if refused:
+        limit, decision = max(refused, key=lambda pair: pair[1].retry_after_s)
+        scope, _, unit = limit.scope.rpartition(":")
+        what = "requests" if unit == "rpm" else "tokens"
+        raise LimitExceeded(
+            f"Rate limit reached for {scope.partition(':')[0]} on {what} per minute: limit {limit.limit}, "
+            f"this request needs {limit.cost}; try again in {duration(decision.retry_after_s)}",
+            retry_after=decision.retry_after_s,
+            limit_headers=limit_headers(decided),
+        )
+    admission.request_limits = decided
+    admission.token_limits = [limit for limit in hits if limit.scope.endswith(":tpm")]
+
+
+async def _leases(
+    runtime: Runtime,
+    admission: Admission,
+    pairs: list[tuple[str, LimitSettings]],
+    ttl_s: float,
+    failures: FailureSettings,
+) -> None:
+    for scope, settings in pairs:
+        if settings.max_concurrent is None:
+            continue
+        try:
+            lease = await runtime.store.acquire(f"{scope}:concurrent", settings.max_concurrent, ttl_s)
+        except StoreUnavailable as error:
+            _fail("concurrency caps", failures.concurrency, error, admission)
+            continue
+        if lease is None:
+            raise LimitExceeded(
+                f"Too many concurrent requests for {scope.partition(':')[0]}: the limit is {settings.max_concurrent}",
+                retry_after=1.0,
+                limit_headers=admission.headers(),
+            )
+        admission.leases.append(lease)
+
+
+async def _hold(
+    runtime: Runtime, admission: Admission, pairs: list[tuple[str, LimitSettings]], amount_usd: float, route: Route
+) -> None:
+    budgets = [
+        BudgetScope(scope, settings.budget_usd, settings.budget_period)
+        for scope, settings in pairs
+        if settings.budget_usd is not None
+    ]
+    if not budgets or amount_usd <= 0:
+        return  # a request that cannot cost anything needs no hold
+    try:
+        held = await runtime.store.reserve(budgets, amount_usd, route.timeout_s + HOLD_SLACK_S)
+    except StoreUnavailable as error:
+        _fail("budgets", _failures(runtime).budgets, error, admission)
+        return
+    if isinstance(held, BudgetRefusal):
+        raise BudgetExceeded(
+            f"The {held.period}ly budget of {held.scope.partition(':')[0]} is exhausted: this request may cost "
+            f"up to ${amount_usd:.6f} and ${held.limit_usd - held.spent_usd - held.held_usd:.6f} of "
+            f"${held.limit_usd:.2f} is left (set max_tokens to hold less)"
+        )
+    admission.reservation = held
+
+
+async def finish(runtime: Runtime, admission: Admission, spent_usd: float, used_tokens: int) -> None:
+    """Settle the hold with what the request cost (a request that cost nothing is released), count the tokens it
+    used beyond what admission counted, release the leases. Store failures here are logged, never raised: the
+    answer has been given. Once per admission."""
+    if admission.finished:
+        return
+    admission.finished = True
+    try:
+        if admission.reservation is not None:
+            if spent_usd > 0:
+                await runtime.store.settle(admission.reservation, spent_usd)
+            else:
+                await runtime.store.release(admission.reservation)
+        beyond = [
+            RateLimit(limit.scope, limit.limit, limit.window_s, used_tokens - limit.cost, force=True)
+            for limit in admission.token_limits
+            if used_tokens > limit.cost
+        ]
+        if beyond:
+            await runtime.store.hit_all(beyond)
+    except StoreUnavailable as error:
+        log.warning("store unavailable while settling a request (%s): its spend is not recorded", error.code)
+    finally:
+        await _release_leases(runtime, admission)
+
+
+async def _release_leases(runtime: Runtime, admission: Admission) -> None:
+    leases, admission.leases = admission.leases, []
+    for lease in leases:
+        with contextlib.suppress(StoreUnavailable):  # it lapses by itself after its TTL
+            await runtime.store.release_lease(lease)
