@@ -26,6 +26,7 @@ from gateway.http import HeaderLimit, error_response, json_response
 from gateway.openai_routes import Gateway, gateway_of, routes
 from router.loader import DEFAULT_POLICY, load_policy
 from router.runtime import Runtime, RuntimeRef
+from router.store import Store, store_from
 from router.table import RoutingTable, compile_policy
 
 log = logging.getLogger("tiergate")
@@ -60,9 +61,12 @@ def create_app(
     backends: Mapping[str, Backend] | None = None,
     embedders: Mapping[str, Embedder] | None = None,
     admin_key: str | None = None,
+    store: Store | None = None,
 ) -> FastAPI:
-    """The gateway for `table`; `admin_key` (a bearer token) unlocks the details of /readyz."""
+    """The gateway for `table`; `admin_key` (a bearer token) unlocks the admin routes and the details of /readyz;
+    `store` defaults to the one the policy's `state:` names (process memory without it)."""
     runtime = Runtime.create(table, backends, embedders)
+    runtime.store = store if store is not None else store_from(table.state)
     every: dict[str, Backend | Embedder] = runtime.parts()
     health = Health({}, admin_key or None)
 
@@ -80,6 +84,7 @@ def create_app(
                 await learner.drain()  # no refit left running against a closed loop
             for part in every.values():
                 await part.aclose()
+            await gateway_of_app(app).runtime.store.aclose()
 
     app = FastAPI(title="tiergate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = Gateway(RuntimeRef(runtime), time.time())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -18,7 +18,7 @@ from backends.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
 from gateway.http import ClientGone, error_response, header_value, json_response, parse, read_json, unless_disconnected
 from gateway.sse import EventStream
 from router import engine
-from router.access import allowed_models, authenticate, check_model
+from router.access import KnownKeys, allowed_models, authenticate, check_model
 from router.admission import Admission, admit, finish
 from router.context import RequestContext
 from router.engine import Answer, Stream
@@ -37,6 +37,7 @@ class Gateway:
 
     runtimes: RuntimeRef
     started: float
+    known_keys: KnownKeys = field(default_factory=KnownKeys)  # what a store outage falls back on
 
     @property
     def runtime(self) -> Runtime:
@@ -63,7 +64,8 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
         runtime = gateway.runtime  # taken once: a policy swapped meanwhile does not change this request's table
         request.state.runtime = runtime
         try:
-            context.caller = await authenticate(runtime.table, runtime.store, request.headers.get("authorization", ""))
+            authorization = request.headers.get("authorization", "")
+            context.caller = await authenticate(runtime.table, runtime.store, gateway.known_keys, authorization)
             response = await handler(request)
         except TiergateError as error:
             response = error_response(error)

@@ -2,18 +2,20 @@
 
 Static keys (`server.api_keys`) are checked in process; managed keys (`server.managed_keys`) are looked up in
 the store on every request (one round trip), so a revoked key is refused by every replica at once. When the
-store cannot answer, managed keys fail closed: 503, never a request let in unchecked.
+store cannot answer, a key this process verified within `state.on_failure.known_keys_s` keeps working as it was
+then (revocations cannot reach anyone during an outage anyway); any other key gets 503, never let in unchecked.
 """
 
 from __future__ import annotations
 
 import hmac
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 
-from backends.errors import AuthenticationFailed, NotFound
+from backends.errors import AuthenticationFailed, NotFound, StoreUnavailable
 from router.context import Caller
-from router.store import Store, hash_api_key
+from router.store import KeyRecord, Store, hash_api_key
 from router.table import RoutingTable
 
 ANONYMOUS = Caller()
@@ -35,7 +37,46 @@ def is_static_key(table: RoutingTable, token: str) -> bool:
     return any(hmac.compare_digest(encoded, key.encode()) for key in table.server.api_keys)
 
 
-async def authenticate(table: RoutingTable, store: Store, authorization: str, now: float | None = None) -> Caller:
+class KnownKeys:
+    """Managed keys this process verified lately, by hash: what a store outage falls back on. Bounded (LRU)."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._seen: OrderedDict[str, tuple[KeyRecord, float]] = OrderedDict()
+
+    def remember(self, record: KeyRecord, at: float) -> None:
+        self._seen[record.key_hash] = (record, at)
+        self._seen.move_to_end(record.key_hash)
+        while len(self._seen) > self.size:
+            self._seen.popitem(last=False)
+
+    def forget(self, key_hash: str) -> None:
+        self._seen.pop(key_hash, None)
+
+    def recall(self, key_hash: str, within_s: float, at: float) -> KeyRecord | None:
+        found = self._seen.get(key_hash)
+        return found[0] if found is not None and at - found[1] <= within_s else None
+
+
+async def _lookup(table: RoutingTable, store: Store, known: KnownKeys, key_hash: str, at: float) -> KeyRecord | None:
+    try:
+        record = await store.find_key(key_hash)
+    except StoreUnavailable:
+        within = table.state.on_failure.known_keys_s if table.state is not None else 0.0
+        remembered = known.recall(key_hash, within, at)
+        if remembered is None:
+            raise
+        return remembered
+    if record is None:
+        known.forget(key_hash)
+    else:
+        known.remember(record, at)
+    return record
+
+
+async def authenticate(
+    table: RoutingTable, store: Store, known: KnownKeys, authorization: str, now: float | None = None
+) -> Caller:
     """The caller behind an Authorization header; AuthenticationFailed (401) when a key is needed and not valid."""
     if not needs_key(table):
         return ANONYMOUS
@@ -45,9 +86,9 @@ async def authenticate(table: RoutingTable, store: Store, authorization: str, no
     if is_static_key(table, token):
         return Caller(STATIC)
     if table.server.managed_keys:
-        record = await store.find_key(hash_api_key(token))  # StoreUnavailable (503) when it cannot be checked
+        at = time.time() if now is None else now
+        record = await _lookup(table, store, known, hash_api_key(token), at)  # StoreUnavailable: 503
         if record is not None:
-            at = time.time() if now is None else now
             if record.revoked_at is not None:
                 raise AuthenticationFailed("This API key has been revoked", code="revoked_api_key")
             if record.expires_at is not None and record.expires_at <= at:

@@ -66,8 +66,14 @@ STATE_BREAKER = BreakerSettings(consecutive_failures=3, cooldown_s=1.0)
 
 class FailureSettings(Section):
     """What a request gets while the store cannot answer (Redis down, slow or restarting). The response cache
-    always fails open (requests go to the backends); managed keys always fail closed (503: they cannot be checked)."""
+    always fails open (requests go to the backends)."""
 
+    known_keys_s: float = Field(
+        600.0,
+        ge=0,
+        description="A managed key this process verified within this many seconds keeps working while the store "
+        "is down (as it was then); other keys get 503. 0: every managed key gets 503 during an outage.",
+    )
     rate_limits: Literal["open", "closed"] = Field(
         "open", description="open: requests pass unlimited while the store is down; closed: 503."
     )

@@ -13,8 +13,11 @@ from tests.conftest import free_port
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, persistent: bool = False) -> None:
+        """`persistent`: an append-only file fsynced on every write, as production Redis for keys and spend
+        should run, so that a killed server restarts with its data."""
         self.directory = directory
+        self.persistent = persistent
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -26,7 +29,8 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: `make test` installs it (apt-get install redis-server)")
-        command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        command += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         command += ["--dir", str(self.directory)]
         with (self.directory / "redis.log").open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
