@@ -21,6 +21,7 @@ from router import engine
 from router.access import KnownKeys, allowed_models, authenticate, check_model
 from router.admission import Admission, admit, finish
 from router.context import RequestContext
+from router.costs import Costs
 from router.engine import Answer, Stream
 from router.runtime import Runtime, RuntimeRef
 from router.table import RoutingTable
@@ -155,25 +156,20 @@ async def _generation(request: Request, schema: type[ChatRequest] | type[Complet
         try:
             stream = await unless_disconnected(request.receive, engine.stream(runtime, parsed, context))
         except BaseException:
-            await finish(runtime, admission, spent_by_attempts(context), 0)
+            await finish(runtime, admission, context, parsed.model, None)
             raise
         request.state.stream = stream
         headers = {**transparency(stream, context, began), **admission.headers()}
         response = EventStream(stream.first, stream.chunks, stream.deadline, headers)
-        response.settle = lambda: finish(runtime, admission, stream.costs.total_usd, stream.costs.tokens)
+        response.settle = lambda: finish(runtime, admission, context, parsed.model, stream.costs)
         return response
     try:
         answer = await unless_disconnected(request.receive, engine.generate(runtime, parsed, context))
     except BaseException:
-        await finish(runtime, admission, spent_by_attempts(context), 0)
+        await finish(runtime, admission, context, parsed.model, None)
         raise
-    await finish(runtime, admission, answer.costs.total_usd if answer.costs else 0.0, _tokens(answer.payload))
+    await finish(runtime, admission, context, parsed.model, answer.costs or Costs(tokens=_tokens(answer.payload)))
     return json_response(answer.payload, headers={**transparency(answer, context, began), **admission.headers()})
-
-
-def spent_by_attempts(context: RequestContext) -> float:
-    """What a request that did not complete cost: the attempts that answered (e.g. before a failed validation)."""
-    return sum(attempt.cost_usd for attempt in context.trace)
 
 
 def _tokens(payload: dict[str, Any]) -> int:
@@ -196,11 +192,12 @@ async def embeddings(request: Request) -> Response:
     context: RequestContext = request.state.context
     check_model(table, context.caller, parsed.model)
     admission: Admission = await admit(runtime, context.caller, table.route(parsed.model), parsed)
-    payload: dict[str, Any] = {}
     try:
         payload = await unless_disconnected(request.receive, engine.embed(runtime, parsed, context))
-    finally:
-        await finish(runtime, admission, 0.0, _tokens(payload))
+    except BaseException:
+        await finish(runtime, admission, context, parsed.model, None)
+        raise
+    await finish(runtime, admission, context, parsed.model, Costs(tokens=_tokens(payload)))
     return json_response(payload, headers=admission.headers())
 
 

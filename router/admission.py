@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from backends.base import Backend, GenerationRequest
 from backends.errors import BudgetExceeded, LimitExceeded, StoreUnavailable
 from backends.protocol import ChatRequest, EmbeddingRequest
-from router.context import Caller
+from router import usage
+from router.context import Caller, RequestContext
+from router.costs import Costs
 from router.policy import FailureSettings, LimitSettings
 from router.runtime import Runtime
 from router.store import BudgetRefusal, BudgetScope, Lease, RateDecision, RateLimit, Reservation
@@ -276,17 +278,21 @@ async def _hold(
     admission.reservation = held
 
 
-async def finish(runtime: Runtime, admission: Admission, spent_usd: float, used_tokens: int) -> None:
-    """Settle the hold with what the request cost (a request that cost nothing is released), count the tokens it
-    used beyond what admission counted, release the leases. Store failures here are logged, never raised: the
-    answer has been given. Once per admission."""
+async def finish(
+    runtime: Runtime, admission: Admission, context: RequestContext, model: str, costs: Costs | None
+) -> None:
+    """Settle the hold with what the request cost (`costs`; None when it failed: what its answering attempts
+    cost), count the tokens it used beyond what admission counted, record its usage, release the leases. Store
+    failures here are logged, never raised: the answer has been given. Once per admission."""
     if admission.finished:
         return
     admission.finished = True
+    spent = costs.total_usd if costs is not None else sum(attempt.cost_usd for attempt in context.trace)
+    used_tokens = costs.tokens if costs is not None else 0
     try:
         if admission.reservation is not None:
-            if spent_usd > 0:
-                await runtime.store.settle(admission.reservation, spent_usd)
+            if spent > 0:
+                await runtime.store.settle(admission.reservation, spent)
             else:
                 await runtime.store.release(admission.reservation)
         beyond = [
@@ -296,6 +302,8 @@ async def finish(runtime: Runtime, admission: Admission, spent_usd: float, used_
         ]
         if beyond:
             await runtime.store.hit_all(beyond)
+        saved = costs.saved_usd if costs is not None else 0.0
+        await usage.record(runtime.store, context, model, spent, saved, used_tokens)
     except StoreUnavailable as error:
         log.warning("store unavailable while settling a request (%s): its spend is not recorded", error.code)
     finally:

@@ -261,3 +261,24 @@ def test_store_down_follows_on_failure_and_recovers(tmp_path: Path) -> None:
             assert app.spend("key:key_money") == pytest.approx(2 * 0.00003)  # before and after; none while down
     finally:
         server.stop()
+
+
+# --- usage reports ---
+
+
+def test_usage_is_counted_per_key_team_model_and_backend(app: App) -> None:
+    from router.usage import day_of, usage_of
+
+    key = app.key("key_usage", team="reporting")
+    app.backends["cheap"].replies = [Reply(text="ok")]
+    for _ in range(3):
+        assert app.chat(key).status_code == 200
+    assert app.client.portal is not None
+    today = [day_of(time.time())]
+    for scope in ("key:key_usage", "team:reporting", "model:auto"):
+        found = app.client.portal.call(usage_of, app.store, scope, today)
+        assert found.requests == 3 and found.tokens == 90
+        assert found.cost_usd == pytest.approx(3 * 0.00003)
+        assert found.saved_usd == pytest.approx(3 * (0.0003 - 0.00003))  # the top tier 'dear' would have cost 10x
+    backend = app.client.portal.call(usage_of, app.store, "backend:cheap", today)
+    assert backend.requests >= 3 and backend.cost_usd >= 3 * 0.00003

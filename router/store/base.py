@@ -240,6 +240,17 @@ class Store(Protocol):
 
     async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None: ...
 
+    # --- counters (usage reports) ---
+
+    async def count(self, scopes: Sequence[str], amounts: dict[str, int], ttl_s: float) -> None:
+        """Add `amounts` (field -> integer) to the counters of every scope, atomically; each scope's counters
+        live `ttl_s` after their last change."""
+        ...
+
+    async def counts(self, scope: str) -> dict[str, int]:
+        """The counters of `scope` ({} when none)."""
+        ...
+
     # --- capped logs ---
 
     async def log_append(self, name: str, item: bytes, cap: int) -> None:

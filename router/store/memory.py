@@ -72,6 +72,7 @@ class MemoryStore:
         self._cache: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._cache_bytes = 0
         self._logs: dict[str, deque[bytes]] = {}
+        self._counters: dict[str, tuple[dict[str, int], float]] = {}  # scope -> (counters, lapses at)
         self._swept = clock()
 
     # --- managed keys ---
@@ -210,6 +211,22 @@ class MemoryStore:
         while self._cache_bytes > self.max_cache_bytes:
             self._cache_drop(next(iter(self._cache)))
 
+    # --- counters ---
+
+    async def count(self, scopes: Sequence[str], amounts: dict[str, int], ttl_s: float) -> None:
+        check_positive(ttl_s=ttl_s)
+        now = self._now()
+        for scope in scopes:
+            found = self._counters.get(scope)
+            counters = found[0] if found is not None and found[1] > now else {}
+            for name, amount in amounts.items():
+                counters[name] = counters.get(name, 0) + amount
+            self._counters[scope] = (counters, now + ttl_s)
+
+    async def counts(self, scope: str) -> dict[str, int]:
+        found = self._counters.get(scope)
+        return dict(found[0]) if found is not None and found[1] > self._now() else {}
+
     # --- capped logs ---
 
     async def log_append(self, name: str, item: bytes, cap: int) -> None:
@@ -264,6 +281,8 @@ class MemoryStore:
             self._live_leases(scope, now)
         for key in [key for key, (_, until) in self._cache.items() if until <= now]:
             self._cache_drop(key)
+        for scope in [scope for scope, (_, until) in self._counters.items() if until <= now]:
+            del self._counters[scope]
 
     def _window(self, window: BudgetWindow) -> _Window:
         key = _window_key(window)

@@ -334,6 +334,26 @@ class RedisStore:
         ttl_ms = max(1, round(ttl_s * 1000))
         await self._call(lambda: self.client.set(self.key("cache", key), value, px=ttl_ms))
 
+    # --- counters ---
+
+    async def count(self, scopes: Sequence[str], amounts: dict[str, int], ttl_s: float) -> None:
+        check_positive(ttl_s=ttl_s)
+        ttl_ms = max(1, round(ttl_s * 1000))
+
+        async def add() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                for scope in scopes:
+                    for name, amount in amounts.items():
+                        pipe.hincrby(self.key("count", scope), name, amount)
+                    pipe.pexpire(self.key("count", scope), ttl_ms)
+                await pipe.execute()
+
+        await self._call(add)
+
+    async def counts(self, scope: str) -> dict[str, int]:
+        found = await self._call(lambda: self.client.hgetall(self.key("count", scope)))
+        return {as_text(name): int(value) for name, value in found.items()}
+
     # --- capped logs (meant to live: no TTL, the cap bounds them) ---
 
     async def log_append(self, name: str, item: bytes, cap: int) -> None:
