@@ -21,11 +21,13 @@ from starlette.routing import Route
 
 from backends.base import Backend, Embedder
 from backends.errors import BadRequest, NotFound, TiergateError
+from gateway.admin import admin_routes
 from gateway.health import Health
 from gateway.http import HeaderLimit, error_response, json_response
 from gateway.openai_routes import Gateway, gateway_of, routes
 from router.loader import DEFAULT_POLICY, load_policy
 from router.runtime import Runtime, RuntimeRef
+from router.store import store_from
 from router.table import RoutingTable, compile_policy
 
 log = logging.getLogger("tiergate")
@@ -63,6 +65,7 @@ def create_app(
 ) -> FastAPI:
     """The gateway for `table`; `admin_key` (a bearer token) unlocks the details of /readyz."""
     runtime = Runtime.create(table, backends, embedders)
+    runtime.store = store_from(table.state)  # the policy's `state:` (Redis) or process memory
     every: dict[str, Backend | Embedder] = runtime.parts()
     health = Health({}, admin_key or None)
 
@@ -80,10 +83,12 @@ def create_app(
                 await learner.drain()  # no refit left running against a closed loop
             for part in every.values():
                 await part.aclose()
+            await gateway_of_app(app).runtime.store.aclose()
 
     app = FastAPI(title="tiergate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = Gateway(RuntimeRef(runtime), time.time())
     app.state.health = health
+    app.state.admin_key = admin_key or None  # gateway/admin.py: admin routes are refused without one
 
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -94,6 +99,7 @@ def create_app(
     app.router.routes.extend(
         [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *routes()]
     )
+    app.router.routes.extend(admin_routes())
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
