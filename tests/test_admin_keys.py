@@ -448,7 +448,18 @@ def test_a_key_made_through_one_gateway_is_seen_by_another_on_the_same_redis(
 
         assert call(second, "DELETE", f"/admin/keys/{key_id}").status_code == 200
         assert call(first, "GET", f"/admin/keys/{key_id}").json()["revoked_at"] is not None
+        assert_stored_hashed(redis_server, plain)
 
+        redis_server.kill()
+        for method, path in (("GET", "/admin/keys"), ("POST", "/admin/keys"), ("GET", f"/admin/keys/{key_id}")):
+            down = call(first, method, path, {"name": "a", "team": "t"})
+            assert down.status_code == 503, down.text
+            assert error_of(down)["code"] == "store_unavailable"
+        assert call(first, "GET", "/admin/keys", key=plain).status_code == 401  # refused still, not served
+        assert call(first, "GET", "/admin/keys", key=None).status_code == 401
+
+
+def assert_stored_hashed(redis_server: RedisServer, plain: str) -> None:
     raw = redis.Redis(port=redis_server.port)
     try:
         names = [name.decode() for name in raw.scan_iter("*")]
