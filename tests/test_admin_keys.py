@@ -174,6 +174,7 @@ def test_create_list_get_revoke_round_trip(gateway: Server) -> None:
     assert again.json()["revoked_at"] == revoked_at  # revoking twice keeps the first time
     kept = [record for record in call(gateway, "GET", "/admin/keys").json()["data"] if record["id"] == created["id"]]
     assert kept == [revoked.json()]  # kept for audit, marked revoked
+    assert call(gateway, "GET", "/admin/keys", key=plain).status_code == 403  # revoked, still a client key
 
 
 def test_defaults_of_a_minimal_key(gateway: Server) -> None:
