@@ -178,18 +178,17 @@ def admin_endpoint(route: str, handler: AdminHandler) -> Endpoint:
 
     async def endpoint(request: Request) -> Response:
         began = time.perf_counter()
-        gateway = gateway_of(request)
+        runtime = gateway_of(request).runtime  # taken once: a reload meanwhile does not mix two tables
         admin_key: str | None = request.app.state.admin_key
-        store = gateway.runtime.store
         try:
-            await require_admin(request, admin_key, gateway.table, store)
-            response = await handler(request, store)
+            await require_admin(request, admin_key, runtime.table, runtime.store)
+            response = await handler(request, runtime.store)
         except TiergateError as error:
             response = error_response(error)
         except ClientGone:
             response = Response(status_code=CLIENT_CLOSED)
         except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.scope["path"])
+            log.exception("unhandled error on %s %s", request.method, route)  # the template: no id, no pasted key
             response = error_response(InternalError("internal error; see the gateway log"))
         if log.isEnabledFor(logging.INFO):
             _audit_line(request, route, response.status_code, began)
