@@ -70,6 +70,14 @@ class AuthenticationFailed(TiergateError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(TiergateError):
+    """Not allowed here whoever asks: a client key on an admin route, or admin routes with no admin key set."""
+
+    status = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
 class NotFound(TiergateError):
     status = 404
     error_type = "invalid_request_error"

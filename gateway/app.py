@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from backends.base import Backend, Embedder
 from backends.errors import BadRequest, NotFound, TiergateError
+from gateway.admin import admin_routes
 from gateway.health import Health
 from gateway.http import HeaderLimit, error_response, json_response
 from gateway.openai_routes import Gateway, gateway_of, routes
@@ -89,6 +90,7 @@ def create_app(
     app = FastAPI(title="tiergate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = Gateway(RuntimeRef(runtime), time.time())
     app.state.health = health
+    app.state.admin_key = admin_key or None  # gateway/admin.py: admin routes are refused without one
 
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -99,6 +101,7 @@ def create_app(
     app.router.routes.extend(
         [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *routes()]
     )
+    app.router.routes.extend(admin_routes())
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -11,6 +11,7 @@ import queue
 import sys
 from pathlib import Path
 
+from gateway.keys_cli import add_keys_commands
 from router.loader import DEFAULT_POLICY, PolicyError, load_policy
 from router.table import RoutingTable, compile_policy
 
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     doctor_cmd = commands.add_parser("doctor", help="check packages, llama.cpp build and model files")
     doctor_cmd.add_argument("--policy", default=os.environ.get("TIERGATE_POLICY", DEFAULT_POLICY))
     doctor_cmd.set_defaults(run=doctor)
+    add_keys_commands(commands)
     args = parser.parse_args(argv)
     try:
         code: int = args.run(args)

@@ -36,6 +36,7 @@ teams:
   small: {{rpm: 4}}
   narrow: {{models: [auto]}}
 """
+ADMIN = "admin-secret"
 # 10 prompt + 20 completion tokens per answer (tests/fakes.py): cheap $0.00003, dear $0.0003 per answer.
 CHEAP = Price(input_per_million=1.0, output_per_million=1.0)
 DEAR = Price(input_per_million=10.0, output_per_million=10.0)
@@ -74,7 +75,7 @@ def running(policy: str = POLICY, store: Store | None = None, replies: list[Repl
         "dear": FakeBackend("dear", price=DEAR),
     }
     chosen = store if store is not None else MemoryStore()
-    app = create_app(table_from(policy), backends=dict(backends), embedders={}, store=chosen)
+    app = create_app(table_from(policy), backends=dict(backends), embedders={}, store=chosen, admin_key=ADMIN)
     with TestClient(app) as client:
         yield App(client, chosen, backends)
 
@@ -282,3 +283,10 @@ def test_usage_is_counted_per_key_team_model_and_backend(app: App) -> None:
         assert found.saved_usd == pytest.approx(3 * (0.0003 - 0.00003))  # the top tier 'dear' would have cost 10x
     backend = app.client.portal.call(usage_of, app.store, "backend:cheap", today)
     assert backend.requests >= 3 and backend.cost_usd >= 3 * 0.00003
+    report = app.client.get(
+        "/admin/usage", params={"scope": "team:reporting", "days": 7}, headers={"authorization": f"Bearer {ADMIN}"}
+    )
+    assert report.status_code == 200 and report.json()["requests"] == 3 and len(report.json()["days"]) == 7
+    assert app.client.get("/admin/usage", params={"scope": "team:reporting"}).status_code == 401
+    bad = app.client.get("/admin/usage", params={"scope": "x"}, headers={"authorization": f"Bearer {ADMIN}"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "scope"
