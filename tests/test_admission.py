@@ -191,10 +191,16 @@ def test_a_request_that_fails_is_charged_what_its_attempts_cost() -> None:
 
 
 def test_parallel_requests_never_overspend() -> None:
-    with running(replies=[Reply(delay_s=0.05)]) as app:
+    with running(replies=[Reply(delay_s=1.0)]) as app:  # all ten are in flight together
         key = app.key("key_par", budget_usd=0.0015)  # three 0.000418 holds fit at once, not four
+        barrier = threading.Barrier(10)
+
+        def call(_: int) -> int:
+            barrier.wait()
+            return int(app.chat(key).status_code)
+
         with ThreadPoolExecutor(max_workers=10) as pool:
-            codes = list(pool.map(lambda _: app.chat(key).status_code, range(10)))
+            codes = list(pool.map(call, range(10)))
         assert codes.count(200) == 3 and codes.count(429) == 7
         assert app.spend("key:key_par") == pytest.approx(3 * 0.00003)
 
