@@ -75,12 +75,16 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(_start_all(every, health))
         app.state.loading = loading
+        if runtime.learning is not None:  # a reload keeps it: started once, reading the runtime in use
+            runtime.learning.start(lambda: gateway_of_app(app).runtime)
         try:
             yield
         finally:
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
+            if runtime.learning is not None:
+                await runtime.learning.stop()
             for learner in gateway_of_app(app).runtime.learners.values():
                 await learner.drain()  # no refit left running against a closed loop
             for part in every.values():

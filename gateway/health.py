@@ -90,7 +90,10 @@ class Health:
         for name, reason in runtime.table.disabled.items():
             backends[name] = {"state": f"disabled: {reason}"}
         circuits = runtime.breaker_states()
-        return {"status": found.status, "models": found.models, "backends": backends, "circuits": circuits}
+        body = {"status": found.status, "models": found.models, "backends": backends, "circuits": circuits}
+        if runtime.learning is not None:
+            body["learning"] = runtime.learning.status()
+        return body
 
     def shows_details(self, request: Request, table: RoutingTable) -> bool:
         """With an admin key: details for a request bearing it, none without a key, 401 for a wrong one.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -71,6 +72,13 @@ class TierModel:
         self.failures += failed
         self.seen += 1
 
+    def replace(self, vectors: list[Vector], failed: list[float]) -> None:
+        """Make the window these examples (the newest `window`): a new generation, as after `add`."""
+        self.vectors = deque(vectors, maxlen=self.window)
+        self.failed = deque(failed, maxlen=self.window)
+        self.failures = round(sum(self.failed))
+        self.seen += 1
+
     def trainable(self, min_examples: int) -> bool:
         return len(self.failed) >= min_examples
 
@@ -92,6 +100,9 @@ class DifficultyLearner:
     Refits run off the loop after every `refit_every` new outcomes, one per tier at a time: outcomes that
     arrive meanwhile mark the tier dirty and make one more refit when the one in flight ends. A refit that
     raises is logged with its tier and the previous fit stays.
+
+    `publish`, when set, hears every recorded outcome (it must not block: it queues for the store); `replace`
+    installs the shared window read back from the store, after the policy's seed examples.
     """
 
     def __init__(
@@ -113,6 +124,8 @@ class DifficultyLearner:
         self.refit_every = refit_every
         self.window = window
         self.tiers: dict[str, TierModel] = {}
+        self.seeds: dict[str, tuple[list[Vector], list[float]]] = {}
+        self.publish: Callable[[str, Vector, bool], None] | None = None
 
     def _tier(self, name: str) -> TierModel:
         return self.tiers.setdefault(name, TierModel(self.window))
@@ -120,8 +133,11 @@ class DifficultyLearner:
     def seed(self, tier: str, vectors: Vector, failed: list[bool]) -> None:
         """Examples from the policy: known easy and hard requests for a tier, fitted at once (on the loop)."""
         model = self._tier(tier)
+        kept_vectors, kept_failed = self.seeds.setdefault(tier, ([], []))
         for vector, flag in zip(vectors, failed, strict=True):
             model.add(vector, flag)
+            kept_vectors.append(model.vectors[-1])
+            kept_failed.append(float(flag))
         if model.trainable(self.min_examples):
             model.install(self._fit(*model.snapshot()))
 
@@ -145,10 +161,23 @@ class DifficultyLearner:
         """Learn one outcome; call it on the event loop (a refit it starts reports back there)."""
         model = self._tier(tier)
         model.add(vector, failed)
+        if self.publish is not None:
+            self.publish(tier, model.vectors[-1], failed)
         if not model.trainable(self.min_examples):
             return
         if model.fitted is not None and model.seen - model.requested < self.refit_every:
             return
+        self._refit_soon(tier, model)
+
+    def replace(self, tier: str, vectors: list[Vector], failed: list[bool]) -> None:
+        """Make the tier's window the policy's seeds followed by these examples, and refit it (on the loop)."""
+        seed_vectors, seed_failed = self.seeds.get(tier, ([], []))
+        model = self._tier(tier)
+        model.replace([*seed_vectors, *vectors], [*seed_failed, *(float(flag) for flag in failed)])
+        if model.trainable(self.min_examples):
+            self._refit_soon(tier, model)
+
+    def _refit_soon(self, tier: str, model: TierModel) -> None:
         if model.refit is not None:
             model.dirty = True
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -14,10 +15,14 @@ class Outcome:
 
 
 class OutcomeLog:
-    """A bounded in-memory log per tier (the shared store replaces it when replicas share state)."""
+    """A bounded log per tier in this process; with shared learning, a copy of the store's log (shared_learning.py).
+
+    `publish`, when set, hears every outcome added here (it must not block: it queues for the store).
+    """
 
     def __init__(self, size: int = 5000) -> None:
         self.size = size
+        self.publish: Callable[[Outcome], None] | None = None
         self._by_tier: dict[str, deque[Outcome]] = {}
         self._added: dict[str, int] = {}
         # (tier, min_samples, target) -> (outcomes added when computed, threshold): sorting 5000 outcomes takes
@@ -27,6 +32,18 @@ class OutcomeLog:
     def add(self, outcome: Outcome) -> None:
         self._by_tier.setdefault(outcome.tier, deque(maxlen=self.size)).append(outcome)
         self._added[outcome.tier] = self._added.get(outcome.tier, 0) + 1
+        if self.publish is not None:
+            self.publish(outcome)
+
+    def replace(self, tier: str, outcomes: list[Outcome]) -> None:
+        """Make the tier's log these outcomes (the newest `size`): the shared log, read back after a sync."""
+        self._by_tier[tier] = deque(outcomes, maxlen=self.size)
+        self._added[tier] = self._added.get(tier, 0) + 1
+        for key in [key for key in self._thresholds if key[0] == tier]:
+            del self._thresholds[key]  # a new log: the cached threshold says nothing about it
+
+    def tiers(self) -> list[str]:
+        return list(self._by_tier)
 
     def of(self, tier: str) -> list[Outcome]:
         return list(self._by_tier.get(tier, ()))

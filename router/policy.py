@@ -85,6 +85,20 @@ class FailureSettings(Section):
     )
 
 
+class LearningSettings(Section):
+    """What the router learns (confidence calibration, difficulty examples), shared by every replica."""
+
+    share: bool = Field(
+        True, description="Keep the outcome log and the difficulty examples in the store, learnt from all replicas."
+    )
+    sync_s: float = Field(
+        5.0, gt=0, le=3600, description="How often each replica replaces its windows with the shared logs."
+    )
+    queue: int = Field(
+        10_000, ge=1, le=1_000_000, description="Records waiting to be appended; when full, new ones are dropped."
+    )
+
+
 class StateSettings(Section):
     """Shared state (keys, rate limits, budgets, caches, logs) in Redis. Without this section: in process memory."""
 
@@ -104,6 +118,9 @@ class StateSettings(Section):
     )
     on_failure: FailureSettings = Field(
         default_factory=FailureSettings, description="Limits and budgets while the store is unreachable."
+    )
+    learning: LearningSettings = Field(
+        default_factory=LearningSettings, description="Sharing what the router learns through the store."
     )
 
     @field_validator("redis_url")

@@ -17,6 +17,7 @@ from router.learned import DifficultyLearner
 from router.outcomes import OutcomeLog
 from router.policy import ModelRoute
 from router.reliability import CircuitBreaker, RetryBudget
+from router.shared_learning import LearningSync, difficulty_key, sharing
 from router.store import MemoryStore, Store
 from router.table import RoutingTable
 
@@ -67,6 +68,7 @@ class Runtime:
     throughput: Throughput = field(default_factory=Throughput)
     derived: Derived = field(default_factory=Derived)
     store: Store = field(default_factory=MemoryStore)  # shared state; a reload keeps it (limits, budgets)
+    learning: LearningSync | None = None  # outcomes and difficulty examples shared through the store; kept too
 
     @classmethod
     def create(
@@ -75,6 +77,7 @@ class Runtime:
         backends: Mapping[str, Backend] | None = None,
         embedders: Mapping[str, Embedder] | None = None,
         rng: random.Random | None = None,
+        store: Store | None = None,
     ) -> Runtime:
         generation = dict(backends) if backends is not None else build_backends(table)
         embedding = dict(embedders) if embedders is not None else build_embedders(table)
@@ -84,7 +87,12 @@ class Runtime:
         learners = {
             name: learner for name, route in table.routes.items() if (learner := _learner(route.settings)) is not None
         }
-        return cls(table, generation, embedding, attempts, learners)
+        shared = store if store is not None else MemoryStore()
+        outcomes = OutcomeLog()
+        learning = sharing(table, shared)
+        if learning is not None:
+            learning.attach(table, outcomes, learners)
+        return cls(table, generation, embedding, attempts, learners, outcomes, store=shared, learning=learning)
 
     def parts(self) -> dict[str, Part]:
         return {**self.backends, **self.embedders}
@@ -132,7 +140,9 @@ class Runtime:
         learners: dict[str, DifficultyLearner] = {}
         for name, route in table.routes.items():
             old = self.table.routes.get(name)
-            if name in self.learners and old is not None and old.settings == route.settings:
+            same = old is not None and old.settings == route.settings
+            # an embedder changed under the same route settings makes vectors that the window cannot be compared with
+            if same and name in self.learners and difficulty_key(self.table, name) == difficulty_key(table, name):
                 learners[name] = self.learners[name]
             elif (learner := _learner(route.settings)) is not None:
                 learners[name] = learner
@@ -149,7 +159,10 @@ class Runtime:
             self.throughput,
             derived,
             self.store,
+            self.learning,
         )
+        if self.learning is not None:
+            self.learning.attach(table, self.outcomes, learners)
         live = {id(part) for part in runtime.parts().values()}
         retired = [part for part in self.parts().values() if id(part) not in live]
         return runtime, retired, started
