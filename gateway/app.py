@@ -66,8 +66,7 @@ def create_app(
 ) -> FastAPI:
     """The gateway for `table`; `admin_key` (a bearer token) unlocks the admin routes and the details of /readyz;
     `store` defaults to the one the policy's `state:` names (process memory without it)."""
-    runtime = Runtime.create(table, backends, embedders)
-    runtime.store = store if store is not None else store_from(table.state)
+    runtime = Runtime.create(table, backends, embedders, store=store if store is not None else store_from(table.state))
     every: dict[str, Backend | Embedder] = runtime.parts()
     health = Health({}, admin_key or None)
 
