@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -111,7 +112,14 @@ class LimitExceeded(RateLimited):
         self.limit_headers = limit_headers
 
     def headers(self) -> dict[str, str]:
-        return {**self.limit_headers, **super().headers()}
+        wait = self.retry_after or 0.0
+        # whole seconds rounded up (a retry at the rounded-down second would be refused again), and the exact
+        # wait in ms, which the OpenAI SDKs prefer when present
+        return {
+            **self.limit_headers,
+            "retry-after": str(max(1, math.ceil(wait))),
+            "retry-after-ms": str(max(1, math.ceil(wait * 1000))),
+        }
 
 
 class BudgetExceeded(TiergateError):
