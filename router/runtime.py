@@ -12,6 +12,7 @@ import numpy as np
 
 from backends.base import Backend, Embedder
 from router.attempts import Attempts
+from router.cache import ResponseCache
 from router.costs import Throughput
 from router.learned import DifficultyLearner
 from router.outcomes import OutcomeLog
@@ -67,6 +68,8 @@ class Runtime:
     throughput: Throughput = field(default_factory=Throughput)
     derived: Derived = field(default_factory=Derived)
     store: Store = field(default_factory=MemoryStore)  # shared state; a reload keeps it (limits, budgets)
+    # semantic-cache indexes: kept across reloads, safe because their scopes are digests of the route's settings
+    cache: ResponseCache = field(default_factory=ResponseCache)
 
     @classmethod
     def create(
@@ -149,6 +152,7 @@ class Runtime:
             self.throughput,
             derived,
             self.store,
+            cache=self.cache,
         )
         live = {id(part) for part in runtime.parts().values()}
         retired = [part for part in self.parts().values() if id(part) not in live]
