@@ -227,8 +227,10 @@ class ResponseCache:
         )
         self._schedule_refresh(store, semantic.scope, index)
         nearest = index.nearest(semantic.vector, self.clock())
-        if nearest is None or nearest[1] < semantic.settings.threshold or nearest[0] == plan.key:
+        if nearest is None or nearest[1] < semantic.settings.threshold:
             return None
+        if nearest[0] == plan.key and plan.settings.exact:
+            return None  # looked up just now, and missed
         payload = await self._get(store, nearest[0])
         return None if payload is None else Hit(fresh_copy(payload), "semantic")
 
