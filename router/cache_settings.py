@@ -7,7 +7,7 @@ from pydantic import Field
 from backends.settings import StrictSettings
 
 MAX_TTL_S = 30 * 86_400
-MAX_SEMANTIC_ENTRIES = 20_000  # 20k x 384 float32 = 30 MB per scope, ~1 ms per lookup (bench/cache.py)
+MAX_SEMANTIC_ENTRIES = 10_000  # 10k x 384 float32 = 15 MB per scope, under 1 ms per lookup (bench/cache.py)
 
 
 class SemanticCacheSettings(StrictSettings):
