@@ -21,6 +21,8 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+TIERGATE_OPTIONS = frozenset({"regex", "choices", "cache"})
+CACHE_MODES = ("default", "no-cache")
 StopSequences = StrictStr | Annotated[list[StrictStr], Field(min_length=0, max_length=4)] | None
 
 
@@ -124,7 +126,8 @@ class SamplingParams(Strict):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: StrictStr | None = None
-    # tiergate's own options (extra_body={"tiergate": {...}}); later issues give it keys.
+    # tiergate's own options (extra_body={"tiergate": {...}}), never forwarded to a backend: `regex` and `choices`
+    # (output constraints, read by backends/constraint.py) and `cache` ("default" or "no-cache": answer afresh).
     tiergate: dict[str, Any] | None = None
     # vLLM's structured-output fields (extra_body); backends/constraint.py takes one constraint per request.
     guided_json: dict[str, Any] | StrictStr | None = None
@@ -139,6 +142,16 @@ class SamplingParams(Strict):
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' is only allowed when 'stream' is true")
         return self
+
+    @field_validator("tiergate")
+    @classmethod
+    def _known_tiergate_options(cls, options: dict[str, Any] | None) -> dict[str, Any] | None:
+        unknown = sorted(set(options or {}) - TIERGATE_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(TIERGATE_OPTIONS))})")
+        if options is not None and options.get("cache", "default") not in CACHE_MODES:
+            raise ValueError(f"'cache' must be one of {', '.join(CACHE_MODES)}")
+        return options
 
     @field_validator("logit_bias")
     @classmethod

@@ -136,9 +136,16 @@ def transparency(answer: Answer | Stream, context: RequestContext, began: float)
             headers["x-tiergate-saved-usd"] = f"{answer.costs.saved_usd:.8f}"
     if answer.intent:
         headers["x-tiergate-intent"] = header_value(answer.intent)
+    if answer.cache:
+        headers["x-tiergate-cache"] = answer.cache
     if not answer.validation.ok:
         headers["x-tiergate-validation"] = header_value(f"failed; {answer.validation.reason}")
     return headers
+
+
+def wants_fresh(cache_control: str) -> bool:
+    """Cache-Control: no-cache (any case, among other directives): answer without the response cache."""
+    return any(directive.strip().lower() == "no-cache" for directive in cache_control.split(","))
 
 
 async def _generation(request: Request, schema: type[ChatRequest] | type[CompletionRequest]) -> Response:
@@ -149,6 +156,7 @@ async def _generation(request: Request, schema: type[ChatRequest] | type[Complet
     if table.server.log_prompts:
         request.state.prompt = prompt_text(parsed)
     context: RequestContext = request.state.context
+    context.no_cache = wants_fresh(request.headers.get("cache-control", ""))
     check_model(table, context.caller, parsed.model)
     admission = await admit(runtime, context.caller, table.route(parsed.model), parsed)
     # The router enforces the model's deadline on every attempt (queueing included).

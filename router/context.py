@@ -37,6 +37,7 @@ class RequestContext:
     deadline: float | None = None  # event-loop time; the route's timeout tightens it
     request_id: str = field(default_factory=new_request_id)
     trace: list[Attempt] = field(default_factory=list)
+    no_cache: bool = False  # the client sent Cache-Control: no-cache: answer afresh (the answer is still stored)
 
     def attempts(self) -> str:
         return render(self.trace)

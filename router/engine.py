@@ -22,6 +22,7 @@ from backends.errors import (
     UpstreamError,
 )
 from backends.protocol import EmbeddingRequest, StreamOptions
+from router.cache import CACHE_BACKEND, Hit, Plan
 from router.cascade import Cascade, Guide, needs_buffering, skip_predicted_hard, validators_of
 from router.context import RequestContext
 from router.costs import Costs, charge, settle_baseline
@@ -42,6 +43,7 @@ class Answer:
     costs: Costs | None = None
     validation: Verdict = PASS
     intent: str = ""
+    cache: str = ""  # x-tiergate-cache: "exact" or "semantic" (a hit), "miss" (looked up), "" (not cached)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Stream:
     validation: Verdict = PASS
     intent: str = ""
     replayed: bool = False  # a buffered, validated answer (its cost was complete before the first chunk)
+    cache: str = ""  # as Answer.cache
 
 
 @dataclass(frozen=True)
@@ -163,15 +166,36 @@ async def resolve(runtime: Runtime, request: GenerationRequest, context: Request
     return Tiers(route, tiers, fallbacks, intent, await _guide(runtime, route, request))
 
 
+async def _consult(
+    runtime: Runtime, found: Tiers, request: GenerationRequest, context: RequestContext
+) -> tuple[Plan | None, Hit | None]:
+    """The cache's plan for this request, and its hit if any; the difficulty router's prompt vector is reused."""
+    route = found.route
+    difficulty = route.settings.difficulty if route.settings is not None else None
+    known = (difficulty.embedder, found.guide.vector) if difficulty is not None and found.guide is not None else None
+    return await runtime.cache.consult(runtime.store, runtime.embedders, runtime.table, route, request, context, known)
+
+
 async def generate(runtime: Runtime, request: GenerationRequest, context: RequestContext) -> Answer:
     found = await resolve(runtime, request, context)
+    plan, hit = await _consult(runtime, found, request, context)
+    if hit is not None:
+        return Answer(hit.payload, CACHE_BACKEND, 0.0, Costs(), intent=found.intent, cache=hit.kind)
     validators = validators_of(found.route, request)
     outcome = await cascade_of(runtime).run(
         found.route, found.tiers, found.fallbacks, request, context, validators, guide=found.guide
     )
     assert outcome.payload is not None and outcome.backend is not None
+    if plan is not None and outcome.validation.ok:
+        await runtime.cache.remember(runtime.store, plan, outcome.payload)
     return Answer(
-        outcome.payload, outcome.backend.name, outcome.waited_s, outcome.costs, outcome.validation, found.intent
+        outcome.payload,
+        outcome.backend.name,
+        outcome.waited_s,
+        outcome.costs,
+        outcome.validation,
+        found.intent,
+        cache="" if plan is None else "miss",
     )
 
 
@@ -179,6 +203,14 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
     found = await resolve(runtime, request, context)
     route = found.route
     assert route.settings is not None and context.deadline is not None
+    remember, hit = await _consult(runtime, found, request, context)
+    if hit is not None:
+        replayed = replay(hit.payload, request.include_usage())
+        first = await anext(replayed)
+        return Stream(
+            first, replayed, CACHE_BACKEND, 0.0, context.deadline, intent=found.intent, replayed=True, cache=hit.kind
+        )
+    looked_up = "" if remember is None else "miss"
     tiers = found.tiers
     costs = Costs()
     waited = 0.0
@@ -190,6 +222,8 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
             route, found.tiers, found.fallbacks, whole, context, validators, passthrough, found.guide
         )
         if outcome.payload is not None and outcome.backend is not None:
+            if remember is not None and outcome.validation.ok:
+                await runtime.cache.remember(runtime.store, remember, outcome.payload)
             chunks = replay(outcome.payload, request.include_usage())
             first = await anext(chunks)
             return Stream(
@@ -202,6 +236,7 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
                 outcome.validation,
                 found.intent,
                 replayed=True,
+                cache=looked_up,
             )
         tiers, costs, waited = [found.tiers[-1]], outcome.costs, outcome.waited_s
     escalate_errors = "error" in route.settings.escalate_on
@@ -225,12 +260,16 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
                 continue
             raise
         waited += plan.waited_s
+        if remember is not None and not validators:  # a validated stream is stored only when buffered (above)
+            rest = runtime.cache.remember_stream(runtime.store, remember, first, rest)
         metered = _metered(runtime, first, rest, backend, found, costs, context, began, request.include_usage())
         try:
             first_out = await anext(metered)
         except StopAsyncIteration as empty:  # nothing but a usage chunk the client did not ask for
             raise UpstreamError(f"backend '{backend.name}' sent a stream without content") from empty
-        return Stream(first_out, metered, backend.name, waited, context.deadline, costs, intent=found.intent)
+        return Stream(
+            first_out, metered, backend.name, waited, context.deadline, costs, intent=found.intent, cache=looked_up
+        )
     raise BackendUnavailable(f"no tier of '{request.model}' could take the request ({context.attempts()})")
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backends.registry import BackendSettings, EmbedderSettings
+from router.cache_settings import CacheSettings
 from router.reliability import BreakerSettings, RetrySettings
 from router.validators import ValidatorSettings
 
@@ -245,6 +246,9 @@ class ModelRoute(Section):
     embedder: str | None = Field(None, description="With intents: the embedder that compares utterances.")
     min_similarity: float = Field(0.5, ge=-1, le=1, description="With intents: cosine similarity needed to match.")
     description: str = Field("", description="Shown by GET /v1/models and `tiergate check`.")
+    cache: CacheSettings | None = Field(
+        None, description="Response cache of this model (exact and semantic); unset: answers are never cached."
+    )
 
     @model_validator(mode="after")
     def _exactly_one_target(self) -> ModelRoute:

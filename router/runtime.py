@@ -12,6 +12,7 @@ import numpy as np
 
 from backends.base import Backend, Embedder
 from router.attempts import Attempts
+from router.cache import ResponseCache
 from router.costs import Throughput
 from router.learned import DifficultyLearner
 from router.outcomes import OutcomeLog
@@ -69,6 +70,8 @@ class Runtime:
     derived: Derived = field(default_factory=Derived)
     store: Store = field(default_factory=MemoryStore)  # shared state; a reload keeps it (limits, budgets)
     learning: LearningSync | None = None  # outcomes and difficulty examples shared through the store; kept too
+    # semantic-cache indexes: kept across reloads, safe because their scopes are digests of the route's settings
+    cache: ResponseCache = field(default_factory=ResponseCache)
 
     @classmethod
     def create(
@@ -160,6 +163,7 @@ class Runtime:
             derived,
             self.store,
             self.learning,
+            cache=self.cache,
         )
         if self.learning is not None:
             self.learning.attach(table, self.outcomes, learners)

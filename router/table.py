@@ -93,6 +93,7 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
 
     routes: dict[str, Route] = {}
     for name, model in policy.models.items():
+        problems += _check_cache(loaded, name, model)
         if model.embedding is not None:
             where = loaded.where(("models", name, "embedding"))
             if model.embedding not in policy.embeddings:
@@ -203,6 +204,19 @@ def _check_difficulty(loaded: LoadedPolicy, name: str, model: ModelRoute) -> lis
             where = loaded.where(("models", name, "difficulty", "examples", tier))
             problems.append(f"{where}: '{tier}' is not a tier of this model")
     return problems
+
+
+def _check_cache(loaded: LoadedPolicy, name: str, model: ModelRoute) -> list[str]:
+    if model.cache is None:
+        return []
+    if model.embedding is not None or model.intents is not None:
+        what = "an embedding model" if model.embedding is not None else "an intent route (cache the models it picks)"
+        return [f"{loaded.where(('models', name, 'cache'))}: the response cache does not apply to {what}"]
+    semantic = model.cache.semantic
+    if semantic is None or semantic.embedder in loaded.policy.embeddings:
+        return []
+    where = loaded.where(("models", name, "cache", "semantic", "embedder"))
+    return [f"{where}: unknown embedder '{semantic.embedder}' ({_known(loaded.policy.embeddings)})"]
 
 
 def _known(names: Mapping[str, object]) -> str:
