@@ -22,6 +22,7 @@ from backends.errors import (
     UpstreamError,
 )
 from backends.protocol import EmbeddingRequest, StreamOptions
+from backends.stream_usage import estimated_prompt_tokens
 from router.cache import CACHE_BACKEND, Hit, Plan
 from router.cascade import Cascade, Guide, needs_buffering, skip_predicted_hard, validators_of
 from router.context import RequestContext
@@ -262,7 +263,9 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
         waited += plan.waited_s
         if remember is not None and not validators:  # a validated stream is stored only when buffered (above)
             rest = runtime.cache.remember_stream(runtime.store, remember, first, rest)
-        metered = _metered(runtime, first, rest, backend, found, costs, context, began, request.include_usage())
+        metered = _metered(
+            runtime, first, rest, backend, found, costs, context, began, request, request.include_usage()
+        )
         try:
             first_out = await anext(metered)
         except StopAsyncIteration as empty:  # nothing but a usage chunk the client did not ask for
@@ -282,19 +285,24 @@ async def _metered(
     costs: Costs,
     context: RequestContext,
     began: float,
+    request: GenerationRequest,
     client_wants_usage: bool,
 ) -> AsyncIterator[Payload]:
     """Relay a stream, always metered (usage was asked of the backend); usage reaches the client only if asked.
 
-    When it ends, the streamed tier's cost joins `costs` and its attempt record; a stream the client abandoned
-    carries no usage and is not charged here.
+    When it ends, the streamed tier's cost joins `costs` and its attempt record. A stream the client abandoned
+    never got its usage: it is charged an estimate (the prompt's, and one token per content chunk relayed), so
+    that walking away from a stream does not make its tokens free.
     """
     usage: Payload | None = None
+    relayed = 0
 
     def shown(chunk: Payload) -> Payload | None:
-        nonlocal usage
+        nonlocal usage, relayed
         if chunk.get("usage"):
             usage = chunk["usage"]
+        if chunk.get("choices"):
+            relayed += 1
         if client_wants_usage:
             return chunk
         if not chunk.get("choices"):
@@ -312,6 +320,9 @@ async def _metered(
         aclose = getattr(rest, "aclose", None)
         if aclose is not None:
             await aclose()
+        if usage is None and relayed:
+            prompt = estimated_prompt_tokens(request)
+            usage = {"prompt_tokens": prompt, "completion_tokens": relayed, "total_tokens": prompt + relayed}
         if usage is not None:
             _charge_stream(runtime, backend, found, costs, context, usage, time.perf_counter() - began)
 

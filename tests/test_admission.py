@@ -296,3 +296,29 @@ def test_usage_is_counted_per_key_team_model_and_backend(app: App) -> None:
     assert app.client.get("/admin/usage", params={"scope": "team:reporting"}).status_code == 401
     bad = app.client.get("/admin/usage", params={"scope": "x"}, headers={"authorization": f"Bearer {ADMIN}"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "scope"
+
+
+# --- an abandoned stream is charged an estimate ---
+
+
+def test_an_abandoned_stream_is_charged_an_estimate() -> None:
+    import asyncio
+
+    from backends.protocol import ChatRequest
+    from router import engine
+    from router.context import RequestContext
+    from router.runtime import Runtime
+
+    async def scenario() -> float:
+        backend = FakeBackend("cheap", replies=[Reply(text="one two three four")], price=CHEAP)
+        runtime = Runtime.create(table_from(POLICY), {"cheap": backend, "dear": FakeBackend("dear")}, {})
+        request = ChatRequest.model_validate(
+            {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        )
+        stream = await engine.stream(runtime, request, RequestContext())
+        assert stream.first["choices"]
+        await stream.chunks.aclose()  # the client went away after the first chunk: no usage chunk ever came
+        return stream.costs.total_usd
+
+    charged = asyncio.run(scenario())
+    assert 0 < charged < 0.00003  # less than a whole answer (30 tokens), more than nothing
