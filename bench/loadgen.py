@@ -144,9 +144,13 @@ async def connect(url: str, keep_body: bool = True) -> Connection:
     return protocol
 
 
-async def throughput(url: str, body: bytes, concurrency: int, duration_s: float, timeout_s: float) -> dict[str, Any]:
-    """Closed loop: `concurrency` keep-alive connections, each sending its next request when the last one is done."""
-    request = post_request(url, body)
+async def throughput(
+    url: str, body: bytes, concurrency: int, duration_s: float, timeout_s: float, extra_headers: str = ""
+) -> dict[str, Any]:
+    """Closed loop: `concurrency` keep-alive connections, each sending its next request when the last one is done.
+
+    `extra_headers`: raw header lines, each ending in CRLF (e.g. an Authorization header)."""
+    request = post_request(url, body, extra_headers)
     latencies: list[float] = []
     counts = {"non2xx": 0, "errors": 0}
     began = time.perf_counter()
@@ -249,10 +253,12 @@ def main() -> None:
     parser.add_argument("--spread", type=float, default=0.5, help="seconds over which streams start (streams)")
     parser.add_argument("--stall-ms", type=float, default=200.0)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds one exchange may take")
+    parser.add_argument("--header", action="append", default=[], help="'Name: value', repeatable (throughput)")
     args = parser.parse_args()
     body = args.body.encode()
     if args.mode == "throughput":
-        result = run(throughput(args.url, body, args.concurrency, args.duration, args.timeout))
+        headers = "".join(f"{line}\r\n" for line in args.header)
+        result = run(throughput(args.url, body, args.concurrency, args.duration, args.timeout, headers))
     else:
         result = run(streams(args.url, body, args.count, args.spread, args.stall_ms / 1000, args.timeout))
     json.dump(result, sys.stdout)

@@ -25,6 +25,7 @@ from backends.errors import AuthenticationFailed, BadRequest, InternalError, Not
 from gateway.http import ClientGone, error_response, json_response, parse, read_json
 from gateway.openai_routes import CLIENT_CLOSED, gateway_of
 from router.access import bearer, is_static_key
+from router.policy import MAX_PER_MINUTE
 from router.store.base import KeyRecord, Period, Store, hash_api_key, window_of
 from router.table import RoutingTable
 from router.usage import day_of, usage_of
@@ -49,8 +50,8 @@ class CreateKey(BaseModel):
     models: list[str] = Field(
         default_factory=list, max_length=1000, description="Models the key may use (empty: the team's, or every model)."
     )
-    rpm: int | None = Field(None, ge=1, description="Requests per minute.")
-    tpm: int | None = Field(None, ge=1, description="Tokens per minute.")
+    rpm: int | None = Field(None, ge=1, le=MAX_PER_MINUTE, description="Requests per minute.")
+    tpm: int | None = Field(None, ge=1, le=MAX_PER_MINUTE, description="Tokens per minute.")
     budget_usd: float | None = Field(None, gt=0, allow_inf_nan=False, description="Spend allowed per budget_period.")
     budget_period: Period = Field("day", description="day or month (UTC calendar periods).")
     max_concurrent: int | None = Field(None, ge=1, description="Requests in flight at once.")

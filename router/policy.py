@@ -134,15 +134,23 @@ class StateSettings(Section):
 
 
 Period = Literal["day", "month"]
+# GCRA counts in whole microseconds x limit below 2**53 (router/store/gcra.py): a per-minute limit must stay under
+# 2**52 / 60e6 (~75 million); this round bound leaves room.
+MAX_PER_MINUTE = 50_000_000
 
 
 class LimitSettings(Section):
     """Limits of a team (and, in the same shape, of a managed key). Unset: no limit."""
 
     models: list[str] | None = Field(None, description="Models its callers may use (unset: every model).")
-    rpm: int | None = Field(None, ge=1, description="Requests per minute (GCRA: a burst of rpm, refilling evenly).")
+    rpm: int | None = Field(
+        None, ge=1, le=MAX_PER_MINUTE, description="Requests per minute (GCRA: a burst of rpm, refilling evenly)."
+    )
     tpm: int | None = Field(
-        None, ge=1, description="Tokens per minute, counted when admitted as estimated prompt tokens + max_tokens."
+        None,
+        ge=1,
+        le=MAX_PER_MINUTE,
+        description="Tokens per minute, counted when admitted as estimated prompt tokens + max_tokens.",
     )
     budget_usd: float | None = Field(None, gt=0, description="Spend allowed per budget_period, in USD.")
     budget_period: Period = Field("day", description="day or month (UTC calendar periods).")

@@ -322,3 +322,17 @@ def test_an_abandoned_stream_is_charged_an_estimate() -> None:
 
     charged = asyncio.run(scenario())
     assert 0 < charged < 0.00003  # less than a whole answer (30 tokens), more than nothing
+
+
+def test_a_limit_too_large_to_count_exactly_is_refused_up_front(app: App) -> None:
+    # GCRA counts in integers below 2**53: 1e9 tokens per minute would have been a 500 on every request
+    from router.loader import PolicyError
+
+    with pytest.raises(PolicyError, match="tpm"):
+        table_from(POLICY.replace("small: {rpm: 4}", "small: {tpm: 1000000000}"))
+    created = app.client.post(
+        "/admin/keys",
+        json={"name": "big", "team": "t", "tpm": 1_000_000_000},
+        headers={"authorization": f"Bearer {ADMIN}"},
+    )
+    assert created.status_code == 400 and created.json()["error"]["param"] == "tpm"
