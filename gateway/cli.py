@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
-import logging
-import logging.handlers
 import os
-import queue
 import sys
 from pathlib import Path
 
 from gateway.keys_cli import add_keys_commands
+from gateway.logs import PLAIN, WITH_PID, log_off_the_hot_path
 from router.loader import DEFAULT_POLICY, PolicyError, load_policy
-from router.table import RoutingTable, compile_policy
+from router.table import RoutingTable, compile_policy, workers_need_state
 
 APP_FACTORY = "gateway.app:app_from_env"  # what `uvicorn --factory` starts; each worker builds its own app
+WORKER_FACTORY = "gateway.workers:worker_app"  # with --workers N > 1: local models are the engine's clients
 
 
 def load_table(path: str) -> RoutingTable:
@@ -42,37 +42,40 @@ models: {", ".join(table.routes)}
 
 def serve(args: argparse.Namespace) -> int:
     table = load_table(args.policy)  # policy errors are reported here, before the server starts
+    workers = args.workers if args.workers is not None else table.server.workers
+    if workers > 1 and table.state is None:
+        raise PolicyError([f"--workers {workers}: {workers_need_state(workers)}"])
     os.environ["TIERGATE_POLICY"] = args.policy  # the factory (in this or a worker process) reads it
     host = args.host or table.server.host
     port = args.port if args.port is not None else table.server.port
-    listener = log_off_the_hot_path(os.environ.get("TIERGATE_LOG_LEVEL", "INFO"))
+    listener = log_off_the_hot_path(os.environ.get("TIERGATE_LOG_LEVEL", "INFO"), WITH_PID if workers > 1 else PLAIN)
     print(banner(table, host, port), flush=True)
     try:
-        run_server(host, port, table.server.max_header_bytes)
+        with contextlib.ExitStack() as stack:
+            if workers > 1:
+                from gateway.engine_process import engine_backend_names
+                from gateway.workers import ENGINE_SOCKET_ENV, EngineProcess
+
+                local = engine_backend_names(table)
+                if local:  # loaded once, in one process the workers share; stopped when serve stops
+                    engine = EngineProcess(args.policy)
+                    stack.callback(engine.stop)
+                    engine.start()
+                    os.environ[ENGINE_SOCKET_ENV] = str(engine.socket)
+                print(f"{workers} worker processes; local models in one engine process: {', '.join(local) or 'none'}")
+            run_server(host, port, table.server.max_header_bytes, workers)
     finally:
         listener.stop()
     return 0
 
 
-def log_off_the_hot_path(level: str) -> logging.handlers.QueueListener:
-    """Handlers write from a thread of their own: a request never waits on the terminal or a pipe."""
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    writer = logging.StreamHandler()
-    writer.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.setLevel(level)
-    root.handlers[:] = [logging.handlers.QueueHandler(records)]
-    listener = logging.handlers.QueueListener(records, writer)
-    listener.start()
-    return listener
-
-
-def run_server(host: str, port: int, max_header_bytes: int) -> None:
+def run_server(host: str, port: int, max_header_bytes: int, workers: int = 1) -> None:
     import uvicorn
 
     uvicorn.run(
-        APP_FACTORY,
+        WORKER_FACTORY if workers > 1 else APP_FACTORY,
         factory=True,
+        workers=workers,
         host=host,
         port=port,
         access_log=False,
@@ -134,6 +137,13 @@ def doctor(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def worker_count(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= 64:
+        raise argparse.ArgumentTypeError(f"{count}: between 1 and 64")
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tiergate", description="OpenAI-compatible gateway, cheapest model first.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--host", default=os.environ.get("TIERGATE_HOST"))
     port = os.environ.get("TIERGATE_PORT")
     serve_cmd.add_argument("--port", type=int, default=int(port) if port else None)
+    workers = os.environ.get("TIERGATE_WORKERS")
+    serve_cmd.add_argument(
+        "--workers",
+        type=worker_count,
+        default=worker_count(workers) if workers else None,
+        help="worker processes on the one port (default: the policy's server.workers); more than 1 needs Redis",
+    )
     serve_cmd.set_defaults(run=serve)
     check_cmd = commands.add_parser("check", help="validate a policy and print its routing table")
     check_cmd.add_argument("policy")

@@ -41,6 +41,14 @@ class ServerSettings(Section):
         description="Clients need a managed key (created with POST /admin/keys or `tiergate keys create`); the "
         "keys in `api_keys` keep working too. Off: only `api_keys` (or no authentication when that is empty).",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes serving the one port (`tiergate serve --workers N` overrides it). More than 1 "
+        "needs `state:` (Redis), so that keys, limits and budgets hold across them; local models are then loaded "
+        "once, in one engine process the workers share.",
+    )
     readyz_details: bool = Field(
         False,
         description="Serve /readyz details (backends, upstream URLs, load errors, circuits) to anyone when "

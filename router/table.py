@@ -131,6 +131,9 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
             if model_name not in policy.models:
                 where = loaded.where(("teams", team_name, "models", index))
                 problems.append(f"{where}: unknown model '{model_name}' ({_known(policy.models)})")
+    if policy.server.workers > 1 and policy.state is None:
+        where = loaded.where(("server", "workers"))
+        problems.append(f"{where}: {workers_need_state(policy.server.workers)}")
     if problems:
         raise PolicyError(problems)
     return RoutingTable(
@@ -143,6 +146,13 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
         reliability=policy.reliability,
         state=policy.state,
         teams=MappingProxyType(dict(policy.teams)),
+    )
+
+
+def workers_need_state(workers: int) -> str:
+    return (
+        f"{workers} worker processes need shared state: add 'state: {{redis_url: ${{REDIS_URL}}}}' (Redis); "
+        "in process memory each worker would keep its own keys, rate limits and budgets"
     )
 
 

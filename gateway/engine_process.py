@@ -1,0 +1,201 @@
+"""One process that loads the policy's local models once and serves them to the workers over a unix socket.
+
+`python -m gateway.engine_process --policy P --socket PATH`, started by `tiergate serve --workers N` (N > 1).
+Several workers must not each load every model (memory, and llama.cpp threads that would fight for the same
+cores); vLLM splits its API servers from its engine core the same way. The socket is created with mode 0600
+in a private folder: nothing on the network reaches it. The wire format is backends/engine_wire.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from backends import engine_wire as wire
+from backends.base import Backend, Payload
+from backends.errors import InternalError, NotFound, TiergateError
+from gateway.http import ClientGone, json_response, unless_disconnected
+from gateway.logs import WITH_PID, log_off_the_hot_path
+from router.loader import load_policy
+from router.table import RoutingTable, compile_policy
+
+log = logging.getLogger("tiergate.engine")
+ENGINE_KINDS = ("llamacpp",)  # backend types loaded in the engine process (in-process weights)
+PR_SET_PDEATHSIG = 1
+
+
+def engine_backend_names(table: RoutingTable) -> list[str]:
+    """The backends the engine process loads: in-process models the policy does not disable."""
+    return [
+        name
+        for name, settings in table.backends.items()
+        if settings.type in ENGINE_KINDS and name not in table.disabled
+    ]
+
+
+class Engine:
+    """The loaded backends and how their loading went; read by the routes."""
+
+    def __init__(self, backends: Mapping[str, Backend]) -> None:
+        self.backends = dict(backends)
+        self.failures: dict[str, str] = {}
+        self.loading_done = False
+
+    async def load(self) -> None:
+        try:
+            for name, backend in self.backends.items():  # one at a time: loading competes for the same cores
+                began = time.perf_counter()
+                try:
+                    await backend.start()
+                except Exception as error:
+                    message = error.message if isinstance(error, TiergateError) else f"{type(error).__name__}: {error}"
+                    self.failures[name] = message
+                    log.error("could not load %s: %s", name, message)
+                else:
+                    log.info("engine loaded %s in %.1f s (pid %d)", name, time.perf_counter() - began, os.getpid())
+        finally:
+            self.loading_done = True
+
+    def backend(self, name: str) -> Backend:
+        found = self.backends.get(name)
+        if found is None:
+            raise NotFound(f"the engine process has no backend '{name}'", code="backend_not_found")
+        return found
+
+    def status(self) -> dict[str, object]:
+        return {
+            "pid": os.getpid(),
+            "loading_done": self.loading_done,
+            "backends": {
+                name: {"ready": backend.ready(), "error": self.failures.get(name), "status": backend.status()}
+                for name, backend in self.backends.items()
+            },
+        }
+
+
+def engine_app(engine: Engine) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loading = asyncio.create_task(engine.load())  # the socket answers /status while models load
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            for backend in engine.backends.values():
+                await backend.aclose()
+
+    async def status(request: Request) -> Response:
+        return json_response(engine.status())
+
+    async def generate(request: Request) -> Response:
+        try:
+            backend = engine.backend(request.path_params["name"])
+            parsed = wire.decode_request(await request.body())
+            backend.check(parsed)
+            answer = await unless_disconnected(request.receive, backend.generate(parsed))
+        except ClientGone:
+            return Response(status_code=499)  # the worker went away (its client did): nobody reads this
+        except TiergateError as error:
+            return Response(wire.line("error", wire.encode_error(error)), media_type="application/x-ndjson")
+        return Response(wire.line("answer", answer), media_type="application/x-ndjson")
+
+    async def stream(request: Request) -> Response:
+        # Errors travel as the last line, even before the first chunk: the worker raises them where the
+        # in-process backend would have, so a refusal before the first chunk still becomes an HTTP status.
+        try:
+            backend = engine.backend(request.path_params["name"])
+            parsed = wire.decode_request(await request.body())
+            backend.check(parsed)
+        except TiergateError as error:
+            return Response(wire.line("error", wire.encode_error(error)), media_type="application/x-ndjson")
+        # Starlette cancels this generator when the worker hangs up, which stops the decode loop.
+        return StreamingResponse(_lines(backend.stream(parsed)), media_type="application/x-ndjson")
+
+    routes = [
+        Route("/status", status, methods=["GET"]),
+        Route("/generate/{name}", generate, methods=["POST"]),
+        Route("/stream/{name}", stream, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def _lines(chunks: AsyncIterator[Payload]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            yield wire.line("chunk", chunk)
+    except TiergateError as error:
+        yield wire.line("error", wire.encode_error(error))
+    except Exception as error:
+        log.exception("engine stream failed")
+        yield wire.line("error", wire.encode_error(InternalError(f"engine stream failed: {type(error).__name__}")))
+
+
+def bind_private(path: Path) -> socket.socket:
+    """A listening unix socket only this user may connect to (uvicorn would make its own 0666)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    old_mask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_mask)
+    os.chmod(path, 0o600)
+    sock.listen(256)
+    return sock
+
+
+def die_with_parent() -> None:
+    """Linux: SIGTERM when the `tiergate serve` that started us dies, even by SIGKILL; no orphan keeps the model."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        sys.exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="gateway.engine_process", description=__doc__)
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--socket", required=True, type=Path)
+    args = parser.parse_args(argv)
+    die_with_parent()
+    listener = log_off_the_hot_path(os.environ.get("TIERGATE_LOG_LEVEL", "INFO"), WITH_PID)
+    table = compile_policy(load_policy(args.policy))
+    names = engine_backend_names(table)
+    engine = Engine({name: table.backends[name].create(name) for name in names})
+    log.info("engine process %d serving %s on %s", os.getpid(), ", ".join(names) or "nothing", args.socket)
+    sock = bind_private(args.socket)
+    config = uvicorn.Config(
+        engine_app(engine), access_log=False, log_level="warning", loop="uvloop", log_config=None, lifespan="on"
+    )
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            args.socket.unlink()
+        listener.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
