@@ -56,11 +56,13 @@ check: install
 
 # Gateway overhead vs LiteLLM's proxy and a bare relay (bench/README-overhead.md). The first run installs wrk
 # (apt-get, as root) and LiteLLM into bench/.venv-litellm. `make bench BENCH_ARGS=--quick` for a smoke run.
-# Then 1 vs 2 worker processes (bench/workers.py: the same Redis for both; README "Worker processes").
+# Then 1 vs 2 worker processes (bench/workers.py: the same Redis for both; README "Worker processes"), and what
+# keys, limits and budgets add per request (bench/tenancy.py; README "Keys, teams and limits").
 BENCH_ARGS ?=
 bench: install redis-server
 	$(PY) bench/overhead.py $(BENCH_ARGS)
 	$(PY) bench/workers.py $(filter --quick --skip-local,$(BENCH_ARGS))
+	$(PY) bench/tenancy.py $(filter --quick,$(BENCH_ARGS))
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules
