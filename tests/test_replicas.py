@@ -4,7 +4,6 @@ revocation reaches every replica at once, keys never reach a log, and a Redis cr
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import time
 from collections.abc import Iterator
@@ -14,11 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
+from openai import OpenAI
 
-from router.store import KeyRecord, RedisStore, hash_api_key
-from tests.conftest import Server, start_server, stop_server
+from router.store import RedisStore, hash_api_key
+from tests.conftest import ADMIN_KEY, Server, start_server, stop_server
 from tests.redis_server import RedisServer
-from tests.upstream import UpstreamServer
+from tests.upstream import Behaviour, UpstreamServer
 
 REPLICAS = 3
 # $100 per million tokens: the upstream's answer (1 prompt word + 4 answer words) costs $0.0005
@@ -66,20 +66,17 @@ def replicas(
             stop_server(server)
 
 
-def put_key(redis_server: RedisServer, key_id: str, **fields: Any) -> str:
-    """A managed key written into the shared store, as the admin API does."""
-    plain = f"tg-{key_id}-{time.time_ns()}"
-    made = KeyRecord(key_id, hash_api_key(plain), plain[:7], key_id, "team", created_at=time.time(), **fields)
-
-    async def write() -> None:
-        store = RedisStore(redis_server.url, timeout_s=2.0)
-        try:
-            await store.put_key(made)
-        finally:
-            await store.aclose()
-
-    asyncio.run(write())
-    return plain
+def create_key(server: Server, name: str, **limits: Any) -> tuple[str, str]:
+    """A managed key made through one replica's admin API: (id, plain key)."""
+    answer = httpx.post(
+        f"{server.url}/admin/keys",
+        json={"name": name, "team": "team", **limits},
+        headers={"authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=10,
+    )
+    assert answer.status_code == 201, answer.text
+    made = answer.json()
+    return made["id"], made["key"]
 
 
 def spend_of(redis_server: RedisServer, scope: str) -> float:
@@ -111,7 +108,7 @@ def spread(replicas: list[Server], key: str, count: int, parallel: int, **body: 
 def test_a_key_limited_to_100_rpm_gets_100_of_300_plus_the_refill(
     replicas: list[Server], redis_server: RedisServer
 ) -> None:
-    key = put_key(redis_server, "key_rpm", rpm=100)
+    _, key = create_key(replicas[0], "rpm", rpm=100)
     began = time.monotonic()
     answers = spread(replicas, key, 300, parallel=24)
     elapsed = time.monotonic() - began
@@ -126,7 +123,7 @@ def test_a_key_limited_to_100_rpm_gets_100_of_300_plus_the_refill(
 
 
 def test_a_budget_is_never_exceeded_by_parallel_requests(replicas: list[Server], redis_server: RedisServer) -> None:
-    key = put_key(redis_server, "key_budget", budget_usd=0.01)
+    key_id, key = create_key(replicas[1], "budget", budget_usd=0.01)
     answers = spread(replicas, key, 50, parallel=50)
     served = [answer for answer in answers if answer.status_code == 200]
     refused = [answer for answer in answers if answer.status_code != 200]
@@ -134,57 +131,68 @@ def test_a_budget_is_never_exceeded_by_parallel_requests(replicas: list[Server],
     assert {answer.json()["error"]["code"] for answer in refused} == {"budget_exceeded"}
     charged = sum(float(answer.headers["x-tiergate-cost-usd"]) for answer in served)  # what the attempts cost
     assert charged == pytest.approx(len(served) * ANSWER_USD)
-    spent = spend_of(redis_server, "key:key_budget")
+    spent = spend_of(redis_server, f"key:{key_id}")
     assert spent == pytest.approx(charged) and spent <= 0.01
 
 
-def test_a_revoked_key_is_refused_by_every_replica_within_a_second(
-    replicas: list[Server], redis_server: RedisServer
-) -> None:
-    key = put_key(redis_server, "key_revoked")
+def test_a_revoked_key_is_refused_by_every_replica_within_a_second(replicas: list[Server]) -> None:
+    key_id, key = create_key(replicas[0], "revoked")
     with httpx.Client() as client:
         assert all(chat(server, key, client).status_code == 200 for server in replicas)
-        put_key_revoked(redis_server, "key_revoked", key)
+        revoked = client.delete(
+            f"{replicas[1].url}/admin/keys/{key_id}", headers={"authorization": f"Bearer {ADMIN_KEY}"}
+        )
+        assert revoked.status_code == 200
         began = time.monotonic()
-        codes = [chat(server, key, client).status_code for server in replicas]
-        assert codes == [401] * REPLICAS and time.monotonic() - began < 1.0
+        answers = [chat(server, key, client) for server in replicas]
+        assert [answer.status_code for answer in answers] == [401] * REPLICAS and time.monotonic() - began < 1.0
+        assert {answer.json()["error"]["code"] for answer in answers} == {"revoked_api_key"}
 
 
-def put_key_revoked(redis_server: RedisServer, key_id: str, plain: str) -> None:
-    async def revoke() -> None:
-        store = RedisStore(redis_server.url, timeout_s=2.0)
-        try:
-            found = await store.get_key(key_id)
-            assert found is not None and found.key_hash == hash_api_key(plain)
-            await store.put_key(dataclasses.replace(found, revoked_at=time.time()))
-        finally:
-            await store.aclose()
-
-    asyncio.run(revoke())
+def test_the_sdk_retries_after_the_gateways_retry_after(replicas: list[Server], upstream: UpstreamServer) -> None:
+    """A concurrency cap's 429 says when to come back; the official SDK waits that long and gets its answer."""
+    _, key = create_key(replicas[0], "one-at-a-time", max_concurrent=1)
+    upstream.plan("paid", Behaviour(delay_s=1.5))  # the next request holds the key's one slot for 1.5 s
+    with httpx.Client() as client, ThreadPoolExecutor(max_workers=1) as pool:
+        holder = pool.submit(chat, replicas[0], key, client)
+        time.sleep(0.5)
+        sdk = OpenAI(base_url=replicas[1].base_url, api_key=key, max_retries=3)
+        began = time.monotonic()
+        raw = sdk.chat.completions.with_raw_response.create(
+            model="paid", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+        waited = time.monotonic() - began
+        sdk.close()
+        assert holder.result().status_code == 200
+    assert raw.http_response.status_code == 200 and raw.retries_taken >= 1
+    assert waited >= 0.9  # it waited for Retry-After (1 s) rather than the SDK's own 0.5 s backoff
 
 
 def test_keys_never_reach_the_logs(replicas: list[Server], redis_server: RedisServer) -> None:
-    key = put_key(redis_server, "key_secret", rpm=1)
+    key_id, key = create_key(replicas[2], "secret", rpm=1)
     with httpx.Client() as client:
         for server in replicas:
             chat(server, key, client)
-            chat(server, key + "x", client)  # a wrong key is not logged either
+            refused = chat(server, key, client)  # rpm 1: the second is refused, saying nothing of the key
+            wrong = chat(server, key + "x", client)  # a wrong key is neither logged nor echoed
+            assert refused.status_code == 429 and wrong.status_code == 401
+            assert key not in refused.text + str(refused.headers) + wrong.text + str(wrong.headers)
     for server in replicas:
         text = server.log.read_text()
         assert key not in text and hash_api_key(key) not in text
-        assert "key_secret" in text  # the access log names the key by its id
+    assert any(key_id in server.log.read_text() for server in replicas)  # the access log names keys by id
 
 
 def test_a_redis_crash_is_survived_with_bounded_latency(
     replicas: list[Server], redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    limited = put_key(redis_server, "key_outage_rpm", rpm=10_000)
-    budgeted = put_key(redis_server, "key_outage_budget", budget_usd=1.0)
+    _, limited = create_key(replicas[0], "outage-rpm", rpm=10_000)
+    budgeted_id, budgeted = create_key(replicas[0], "outage-budget", budget_usd=1.0)
     with httpx.Client() as client:
         for server in replicas:  # every replica has verified both keys
             assert chat(server, limited, client).status_code == 200
             assert chat(server, budgeted, client).status_code == 200
-        spent_before = spend_of(redis_server, "key:key_outage_budget")
+        spent_before = spend_of(redis_server, f"key:{budgeted_id}")
         redis_server.kill()
         latencies: list[float] = []
         codes: dict[str, list[int]] = {"limited": [], "budgeted": []}
@@ -211,6 +219,6 @@ def test_a_redis_crash_is_survived_with_bounded_latency(
     assert p99 < 0.5, f"p99 during the outage {p99 * 1000:.0f} ms"
     # afterwards the state is right: what was spent before, plus the requests after recovery (one per replica
     # at least), and nothing for the refused ones
-    after = spend_of(redis_server, "key:key_outage_budget")
+    after = spend_of(redis_server, f"key:{budgeted_id}")
     assert after - spent_before == pytest.approx(ANSWER_USD * round((after - spent_before) / ANSWER_USD))
     assert after >= spent_before + REPLICAS * ANSWER_USD
