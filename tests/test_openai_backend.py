@@ -65,7 +65,7 @@ def test_body_uses_the_policy_model_and_leaves_out_what_is_not_declared() -> Non
         response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"}}},
         logprobs=True,
         top_logprobs=2,
-        tiergate={"trace": True},
+        tiergate={"cache": "no-cache"},
         temperature=0.5,
     )
     plain = translate.upstream_body(request, "up-model", NOTHING)
@@ -305,7 +305,7 @@ def test_generate_chat(upstream: UpstreamServer) -> None:
 
     async def work() -> Payload:
         async with started(backend):
-            return await backend.generate(chat(temperature=0.1, tiergate={"trace": True}))
+            return await backend.generate(chat(temperature=0.1, tiergate={"cache": "no-cache"}))
 
     answer = run(work)
     assert answer["object"] == "chat.completion"
