@@ -295,6 +295,7 @@ async def usage_report(request: Request, store: Store) -> Response:
         raise BadRequest(f"Invalid value for 'days': 1 to {MAX_USAGE_DAYS}", param="days", code="invalid_value")
     now = time.time()
     days = [day_of(now - 86400 * back) for back in range(int(days_text))]
+    await gateway_of(request).runtime.usage.flush(store)  # this process's latest counts too
     found = await usage_of(store, scope, days)
     return json_response({"object": "usage", "scope": scope, "days": days, **asdict(found)})
 

@@ -76,12 +76,15 @@ def create_app(
         app.state.loading = loading
         if runtime.learning is not None:  # a reload keeps it: started once, reading the runtime in use
             runtime.learning.start(lambda: gateway_of_app(app).runtime)
+        metering = asyncio.create_task(runtime.usage.run(runtime.store))  # a reload keeps meter and store
         try:
             yield
         finally:
             loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loading
+            metering.cancel()  # its last flush runs as it stops
+            for task in (loading, metering):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if runtime.learning is not None:
                 await runtime.learning.stop()
             for learner in gateway_of_app(app).runtime.learners.values():

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from backends.base import Backend, GenerationRequest
 from backends.errors import BudgetExceeded, LimitExceeded, StoreUnavailable
 from backends.protocol import ChatRequest, EmbeddingRequest
-from router import usage
 from router.context import Caller, RequestContext
 from router.costs import Costs
 from router.policy import FailureSettings, LimitSettings
@@ -289,6 +288,7 @@ async def finish(
     admission.finished = True
     spent = costs.total_usd if costs is not None else sum(attempt.cost_usd for attempt in context.trace)
     used_tokens = costs.tokens if costs is not None else 0
+    runtime.usage.add(context, model, spent, costs.saved_usd if costs is not None else 0.0, used_tokens)
     try:
         if admission.reservation is not None:
             if spent > 0:
@@ -302,8 +302,6 @@ async def finish(
         ]
         if beyond:
             await runtime.store.hit_all(beyond)
-        saved = costs.saved_usd if costs is not None else 0.0
-        await usage.record(runtime.store, context, model, spent, saved, used_tokens)
     except StoreUnavailable as error:
         log.warning("store unavailable while settling a request (%s): its spend is not recorded", error.code)
     finally:

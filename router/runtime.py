@@ -21,6 +21,7 @@ from router.reliability import CircuitBreaker, RetryBudget
 from router.shared_learning import LearningSync, difficulty_key, sharing
 from router.store import MemoryStore, Store
 from router.table import RoutingTable
+from router.usage import UsageMeter
 
 Part = Backend | Embedder
 
@@ -72,6 +73,7 @@ class Runtime:
     learning: LearningSync | None = None  # outcomes and difficulty examples shared through the store; kept too
     # semantic-cache indexes: kept across reloads, safe because their scopes are digests of the route's settings
     cache: ResponseCache = field(default_factory=ResponseCache)
+    usage: UsageMeter = field(default_factory=UsageMeter)  # counters waiting for the store; kept too
 
     @classmethod
     def create(
@@ -164,6 +166,7 @@ class Runtime:
             self.store,
             self.learning,
             cache=self.cache,
+            usage=self.usage,
         )
         if self.learning is not None:
             self.learning.attach(table, self.outcomes, learners)

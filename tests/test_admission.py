@@ -14,6 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from backends.base import Price
+from backends.errors import StoreUnavailable
 from gateway.app import create_app
 from router.store import KeyRecord, MemoryStore, Store, hash_api_key, store_from
 from tests.fakes import FakeBackend, Reply, table_from
@@ -281,6 +282,10 @@ def test_usage_is_counted_per_key_team_model_and_backend(app: App) -> None:
     for _ in range(3):
         assert app.chat(key).status_code == 200
     assert app.client.portal is not None
+    runtime = app.client.app.state.gateway.runtime  # type: ignore[attr-defined]
+    assert runtime.usage.pending  # counted in process, not yet written: no store call on the request path
+    app.client.portal.call(runtime.usage.flush, app.store)
+    assert not runtime.usage.pending
     today = [day_of(time.time())]
     for scope in ("key:key_usage", "team:reporting", "model:auto"):
         found = app.client.portal.call(usage_of, app.store, scope, today)
@@ -336,3 +341,37 @@ def test_a_limit_too_large_to_count_exactly_is_refused_up_front(app: App) -> Non
         headers={"authorization": f"Bearer {ADMIN}"},
     )
     assert created.status_code == 400 and created.json()["error"]["param"] == "tpm"
+
+
+def test_usage_counts_wait_out_a_store_outage(tmp_path: Path) -> None:
+    import asyncio
+
+    from router.context import Caller, RequestContext
+    from router.store import RedisStore
+    from router.usage import UsageMeter, day_of, usage_of
+
+    server = RedisServer(tmp_path)
+    server.start()
+
+    async def scenario() -> None:
+        store = RedisStore(server.url, timeout_s=0.2)
+        meter = UsageMeter()
+        context = RequestContext(caller=Caller("key_out", "ops"))
+        try:
+            meter.add(context, "auto", 0.5, 0.25, 30)
+            server.kill()
+            with pytest.raises(StoreUnavailable):
+                await meter.flush(store)
+            meter.add(context, "auto", 0.5, 0.25, 30)  # more comes in meanwhile
+            server.start()
+            await asyncio.sleep(1.1)  # the store's breaker lets a probe through after its cooldown
+            await meter.flush(store)
+            found = await usage_of(store, "team:ops", [day_of(time.time())])
+            assert (found.requests, found.cost_usd, found.saved_usd, found.tokens) == (2, 1.0, 0.5, 60)
+        finally:
+            await store.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()

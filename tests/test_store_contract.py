@@ -340,12 +340,12 @@ def test_a_forced_hit_always_consumes_and_leaves_debt(new_store: Factory) -> Non
 
 def test_counters_add_up_across_replicas_and_lapse(new_store: Factory) -> None:
     async def check(first: Store, second: Store) -> None:
-        scopes, amounts = ["team:a:d", "model:m:d"], {"requests": 1, "cost": 3}
-        await asyncio.gather(*((first if n % 2 else second).count(scopes, amounts, 60) for n in range(50)))
+        amounts = {"team:a:d": {"requests": 1, "cost": 3}, "model:m:d": {"requests": 1, "cost": 3}}
+        await asyncio.gather(*((first if n % 2 else second).count(amounts, 60) for n in range(50)))
         assert await first.counts("team:a:d") == {"requests": 50, "cost": 150}
         assert await second.counts("model:m:d") == {"requests": 50, "cost": 150}
         assert await first.counts("team:none:d") == {}
-        await first.count(["short"], {"requests": 1}, 0.05)
+        await first.count({"short": {"requests": 1}}, 0.05)
         await asyncio.sleep(0.15)
         assert await second.counts("short") == {}
 

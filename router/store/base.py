@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -242,9 +242,9 @@ class Store(Protocol):
 
     # --- counters (usage reports) ---
 
-    async def count(self, scopes: Sequence[str], amounts: dict[str, int], ttl_s: float) -> None:
-        """Add `amounts` (field -> integer) to the counters of every scope, atomically; each scope's counters
-        live `ttl_s` after their last change."""
+    async def count(self, amounts: Mapping[str, Mapping[str, int]], ttl_s: float) -> None:
+        """Add each scope's `amounts` (field -> integer) to its counters, all scopes in one atomic step; each
+        scope's counters live `ttl_s` after their last change."""
         ...
 
     async def counts(self, scope: str) -> dict[str, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from router.store.base import (
@@ -213,13 +213,13 @@ class MemoryStore:
 
     # --- counters ---
 
-    async def count(self, scopes: Sequence[str], amounts: dict[str, int], ttl_s: float) -> None:
+    async def count(self, amounts: Mapping[str, Mapping[str, int]], ttl_s: float) -> None:
         check_positive(ttl_s=ttl_s)
         now = self._now()
-        for scope in scopes:
+        for scope, added in amounts.items():
             found = self._counters.get(scope)
             counters = found[0] if found is not None and found[1] > now else {}
-            for name, amount in amounts.items():
+            for name, amount in added.items():
                 counters[name] = counters.get(name, 0) + amount
             self._counters[scope] = (counters, now + ttl_s)
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -336,14 +336,14 @@ class RedisStore:
 
     # --- counters ---
 
-    async def count(self, scopes: Sequence[str], amounts: dict[str, int], ttl_s: float) -> None:
+    async def count(self, amounts: Mapping[str, Mapping[str, int]], ttl_s: float) -> None:
         check_positive(ttl_s=ttl_s)
         ttl_ms = max(1, round(ttl_s * 1000))
 
         async def add() -> None:
             async with self.client.pipeline(transaction=True) as pipe:
-                for scope in scopes:
-                    for name, amount in amounts.items():
+                for scope, added in amounts.items():
+                    for name, amount in added.items():
                         pipe.hincrby(self.key("count", scope), name, amount)
                     pipe.pexpire(self.key("count", scope), ttl_ms)
                 await pipe.execute()
