@@ -237,6 +237,7 @@ async def revoke_key(request: Request, store: Store) -> Response:
     if record.revoked_at is None:
         record = replace(record, revoked_at=time.time())
         await store.put_key(record)
+    gateway_of(request).known_keys.forget(record.key_hash)  # this replica refuses it at once (others: key_cache_s)
     return json_response(key_view(record))
 
 

@@ -1,9 +1,10 @@
 """Who is asking and what they may use: a bearer token turned into a Caller, and the models a caller may call.
 
 Static keys (`server.api_keys`) are checked in process; managed keys (`server.managed_keys`) are looked up in
-the store on every request (one round trip), so a revoked key is refused by every replica at once. When the
-store cannot answer, a key this process verified within `state.on_failure.known_keys_s` keeps working as it was
-then (revocations cannot reach anyone during an outage anyway); any other key gets 503, never let in unchecked.
+the store (one round trip) unless this process verified the key within `state.key_cache_s` (0.5 s), so a revoked
+key is refused by every replica within that. When the store cannot answer, a key this process verified within
+`state.on_failure.known_keys_s` keeps working as it was then (revocations cannot reach anyone during an outage
+anyway); any other key gets 503, never let in unchecked.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class KnownKeys:
 
 
 async def _lookup(table: RoutingTable, store: Store, known: KnownKeys, key_hash: str, at: float) -> KeyRecord | None:
+    if table.state is not None and table.state.key_cache_s > 0:
+        fresh = known.recall(key_hash, table.state.key_cache_s, at)
+        if fresh is not None:
+            return fresh
     try:
         record = await store.find_key(key_hash)
     except StoreUnavailable:

@@ -12,9 +12,10 @@ While the store cannot answer, each kind follows `state.on_failure` (open: not e
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from backends.base import Backend, GenerationRequest
@@ -183,12 +184,20 @@ async def admit(
     failures = _failures(runtime)
     prompt_tokens = estimated_prompt_tokens(request)
     await _rate_limits(runtime, admission, pairs, prompt_tokens + (completion_limit(request) or 0), failures)
+    # leases and the budget hold at once (one round trip of latency); a refusal of either undoes the other
+    steps = [
+        _lease(runtime, admission, scope, settings.max_concurrent, route.timeout_s + LEASE_SLACK_S, failures)
+        for scope, settings in pairs
+        if settings.max_concurrent is not None
+    ]
+    if not isinstance(request, EmbeddingRequest):
+        steps.append(_hold(runtime, admission, pairs, worst_case_usd(runtime, route, request, prompt_tokens), route))
     try:
-        await _leases(runtime, admission, pairs, route.timeout_s + LEASE_SLACK_S, failures)
-        if not isinstance(request, EmbeddingRequest):
-            await _hold(runtime, admission, pairs, worst_case_usd(runtime, route, request, prompt_tokens), route)
+        failed = [error for error in await asyncio.gather(*steps, return_exceptions=True) if error is not None]
+        if failed:
+            raise failed[0]
     except BaseException:
-        await _release_leases(runtime, admission)
+        await _undo(runtime, admission)
         raise
     return admission
 
@@ -229,28 +238,21 @@ async def _rate_limits(
     admission.token_limits = [limit for limit in hits if limit.scope.endswith(":tpm")]
 
 
-async def _leases(
-    runtime: Runtime,
-    admission: Admission,
-    pairs: list[tuple[str, LimitSettings]],
-    ttl_s: float,
-    failures: FailureSettings,
+async def _lease(
+    runtime: Runtime, admission: Admission, scope: str, limit: int, ttl_s: float, failures: FailureSettings
 ) -> None:
-    for scope, settings in pairs:
-        if settings.max_concurrent is None:
-            continue
-        try:
-            lease = await runtime.store.acquire(f"{scope}:concurrent", settings.max_concurrent, ttl_s)
-        except StoreUnavailable as error:
-            _fail("concurrency caps", failures.concurrency, error, admission)
-            continue
-        if lease is None:
-            raise LimitExceeded(
-                f"Too many concurrent requests for {scope.partition(':')[0]}: the limit is {settings.max_concurrent}",
-                retry_after=1.0,
-                limit_headers=admission.headers(),
-            )
-        admission.leases.append(lease)
+    try:
+        lease = await runtime.store.acquire(f"{scope}:concurrent", limit, ttl_s)
+    except StoreUnavailable as error:
+        _fail("concurrency caps", failures.concurrency, error, admission)
+        return
+    if lease is None:
+        raise LimitExceeded(
+            f"Too many concurrent requests for {scope.partition(':')[0]}: the limit is {limit}",
+            retry_after=1.0,
+            limit_headers=admission.headers(),
+        )
+    admission.leases.append(lease)
 
 
 async def _hold(
@@ -281,7 +283,7 @@ async def finish(
     runtime: Runtime, admission: Admission, context: RequestContext, model: str, costs: Costs | None
 ) -> None:
     """Settle the hold with what the request cost (`costs`; None when it failed: what its answering attempts
-    cost), count the tokens it used beyond what admission counted, record its usage, release the leases. Store
+    cost), count the tokens it used beyond what admission counted and its usage, release the leases. Store
     failures here are logged, never raised: the answer has been given. Once per admission."""
     if admission.finished:
         return
@@ -289,27 +291,30 @@ async def finish(
     spent = costs.total_usd if costs is not None else sum(attempt.cost_usd for attempt in context.trace)
     used_tokens = costs.tokens if costs is not None else 0
     runtime.usage.add(context, model, spent, costs.saved_usd if costs is not None else 0.0, used_tokens)
-    try:
-        if admission.reservation is not None:
-            if spent > 0:
-                await runtime.store.settle(admission.reservation, spent)
-            else:
-                await runtime.store.release(admission.reservation)
-        beyond = [
-            RateLimit(limit.scope, limit.limit, limit.window_s, used_tokens - limit.cost, force=True)
-            for limit in admission.token_limits
-            if used_tokens > limit.cost
-        ]
-        if beyond:
-            await runtime.store.hit_all(beyond)
-    except StoreUnavailable as error:
-        log.warning("store unavailable while settling a request (%s): its spend is not recorded", error.code)
-    finally:
-        await _release_leases(runtime, admission)
-
-
-async def _release_leases(runtime: Runtime, admission: Admission) -> None:
+    steps: list[Awaitable[object]] = []
+    reservation, admission.reservation = admission.reservation, None
+    if reservation is not None:
+        steps.append(runtime.store.settle(reservation, spent) if spent > 0 else runtime.store.release(reservation))
+    beyond = [
+        RateLimit(limit.scope, limit.limit, limit.window_s, used_tokens - limit.cost, force=True)
+        for limit in admission.token_limits
+        if used_tokens > limit.cost
+    ]
+    if beyond:
+        steps.append(runtime.store.hit_all(beyond))
     leases, admission.leases = admission.leases, []
-    for lease in leases:
-        with contextlib.suppress(StoreUnavailable):  # it lapses by itself after its TTL
-            await runtime.store.release_lease(lease)
+    steps += [runtime.store.release_lease(lease) for lease in leases]  # unreleased, a lease lapses by its TTL
+    for outcome in await asyncio.gather(*steps, return_exceptions=True):
+        if isinstance(outcome, StoreUnavailable):
+            log.warning("store unavailable while settling a request (%s): its spend is not recorded", outcome.code)
+        elif isinstance(outcome, BaseException):
+            raise outcome
+
+
+async def _undo(runtime: Runtime, admission: Admission) -> None:
+    """A refused admission gives back what it took: its leases and its hold (charging nothing)."""
+    steps: list[Awaitable[object]] = [runtime.store.release_lease(lease) for lease in admission.leases]
+    if admission.reservation is not None:
+        steps.append(runtime.store.release(admission.reservation))
+    admission.leases, admission.reservation = [], None
+    await asyncio.gather(*steps, return_exceptions=True)  # what is not given back lapses by its TTL

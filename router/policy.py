@@ -128,6 +128,13 @@ class StateSettings(Section):
     on_failure: FailureSettings = Field(
         default_factory=FailureSettings, description="Limits and budgets while the store is unreachable."
     )
+    key_cache_s: float = Field(
+        0.5,
+        ge=0,
+        le=5,
+        description="A managed key verified this recently is not looked up again: one store round trip less per "
+        "request; a revocation or change then takes up to this long to reach every replica (0: look up every time).",
+    )
     learning: LearningSettings = Field(
         default_factory=LearningSettings, description="Sharing what the router learns through the store."
     )

@@ -144,9 +144,15 @@ def test_a_revoked_key_is_refused_by_every_replica_within_a_second(replicas: lis
         )
         assert revoked.status_code == 200
         began = time.monotonic()
-        answers = [chat(server, key, client) for server in replicas]
-        assert [answer.status_code for answer in answers] == [401] * REPLICAS and time.monotonic() - began < 1.0
-        assert {answer.json()["error"]["code"] for answer in answers} == {"revoked_api_key"}
+        assert chat(replicas[1], key, client).status_code == 401  # the replica that revoked it: at once
+        refused: set[int] = set()
+        while len(refused) < REPLICAS:  # the others within state.key_cache_s (0.5 s)
+            assert time.monotonic() - began < 1.0, f"still served by {set(range(REPLICAS)) - refused}"
+            for index, server in enumerate(replicas):
+                answer = chat(server, key, client)
+                if answer.status_code == 401:
+                    assert answer.json()["error"]["code"] == "revoked_api_key"
+                    refused.add(index)
 
 
 def test_the_sdk_retries_after_the_gateways_retry_after(replicas: list[Server], upstream: UpstreamServer) -> None:
