@@ -2,9 +2,9 @@
 
 Order, each step in the store (never a per-process counter, which would multiply a limit by the replicas):
 1. requests and tokens per minute of the key and of its team, in one atomic `hit_all` (all or nothing);
-2. a concurrency lease per key and per team;
-3. the request's worst-case cost held in every budget that applies, atomically (`reserve`).
-A refused step undoes the ones before it (leases released, nothing held), so a refused request costs nothing.
+2. at once: a concurrency lease per key and per team, and the request's worst-case cost held in every budget
+   that applies, atomically (`reserve`).
+A refusal in step 2 undoes the rest of it (leases released, nothing held), so a refused request costs nothing.
 `finish` settles the hold with the real cost and counts the tokens used beyond what step 1 counted.
 
 While the store cannot answer, each kind follows `state.on_failure` (open: not enforced, closed: 503).
@@ -23,7 +23,7 @@ from backends.errors import BudgetExceeded, LimitExceeded, StoreUnavailable
 from backends.protocol import ChatRequest, EmbeddingRequest
 from router.context import Caller, RequestContext
 from router.costs import Costs
-from router.policy import FailureSettings, LimitSettings
+from router.policy import MAX_PER_MINUTE, FailureSettings, LimitSettings
 from router.runtime import Runtime
 from router.store import BudgetRefusal, BudgetScope, Lease, RateDecision, RateLimit, Reservation
 from router.table import Route, RoutingTable
@@ -56,7 +56,9 @@ def limits_of(table: RoutingTable, caller: Caller) -> Limits:
     key_settings = None
     if caller.key is not None:
         record = caller.key
-        key_settings = LimitSettings(
+        # a stored record, checked when it was created: built without validating it again on every request
+        key_settings = LimitSettings.model_construct(
+            models=None,
             rpm=record.rpm,
             tpm=record.tpm,
             budget_usd=record.budget_usd,
@@ -75,7 +77,6 @@ class Admission:
     token_limits: list[RateLimit] = field(default_factory=list)  # as counted: tokens used beyond are added after
     leases: list[Lease] = field(default_factory=list)
     reservation: Reservation | None = None
-    unenforced: list[str] = field(default_factory=list)  # what the store could not check (on_failure: open)
     finished: bool = False
 
     def headers(self) -> dict[str, str]:
@@ -162,11 +163,17 @@ def _failures(runtime: Runtime) -> FailureSettings:
     return state.on_failure if state is not None else NO_FAILURES
 
 
-def _fail(kind: str, mode: str, error: StoreUnavailable, admission: Admission) -> None:
+def _fail(runtime: Runtime, kind: str, mode: str, error: StoreUnavailable) -> None:
     if mode == "closed":
         raise error
-    admission.unenforced.append(kind)
-    log.warning("store unavailable: %s not enforced for this request (%s)", kind, error.code)
+    _warn(runtime, kind, f"store unavailable: {kind} not enforced", error)
+
+
+def _warn(runtime: Runtime, kind: str, what: str, error: StoreUnavailable) -> None:
+    suppressed = runtime.quiet.due(kind)
+    if suppressed is not None:
+        more = f" (and {suppressed} more times since the last line)" if suppressed else ""
+        log.warning("%s%s: %s", what, more, error.message)
 
 
 async def admit(
@@ -202,6 +209,10 @@ async def admit(
     return admission
 
 
+def _bounded(limit: int) -> int:
+    return max(1, min(int(limit), MAX_PER_MINUTE))
+
+
 async def _rate_limits(
     runtime: Runtime,
     admission: Admission,
@@ -211,16 +222,18 @@ async def _rate_limits(
 ) -> None:
     hits: list[RateLimit] = []
     for scope, settings in pairs:
+        # clamped: a record edited in the store by hand must not make every request a 500
         if settings.rpm is not None:
-            hits.append(RateLimit(f"{scope}:rpm", settings.rpm, MINUTE_S))
+            hits.append(RateLimit(f"{scope}:rpm", _bounded(settings.rpm), MINUTE_S))
         if settings.tpm is not None:
-            hits.append(RateLimit(f"{scope}:tpm", settings.tpm, MINUTE_S, cost=max(1, min(tokens, settings.tpm))))
+            tpm = _bounded(settings.tpm)
+            hits.append(RateLimit(f"{scope}:tpm", tpm, MINUTE_S, cost=max(1, min(tokens, tpm))))
     if not hits:
         return
     try:
         decisions = await runtime.store.hit_all(hits)
     except StoreUnavailable as error:
-        _fail("rate limits", failures.rate_limits, error, admission)
+        _fail(runtime, "rate limits", failures.rate_limits, error)
         return
     decided = list(zip(hits, decisions, strict=True))
     refused = [(limit, decision) for limit, decision in decided if not decision.allowed]
@@ -244,7 +257,7 @@ async def _lease(
     try:
         lease = await runtime.store.acquire(f"{scope}:concurrent", limit, ttl_s)
     except StoreUnavailable as error:
-        _fail("concurrency caps", failures.concurrency, error, admission)
+        _fail(runtime, "concurrency caps", failures.concurrency, error)
         return
     if lease is None:
         raise LimitExceeded(
@@ -268,7 +281,7 @@ async def _hold(
     try:
         held = await runtime.store.reserve(budgets, amount_usd, route.timeout_s + HOLD_SLACK_S)
     except StoreUnavailable as error:
-        _fail("budgets", _failures(runtime).budgets, error, admission)
+        _fail(runtime, "budgets", _failures(runtime).budgets, error)
         return
     if isinstance(held, BudgetRefusal):
         raise BudgetExceeded(
@@ -306,7 +319,7 @@ async def finish(
     steps += [runtime.store.release_lease(lease) for lease in leases]  # unreleased, a lease lapses by its TTL
     for outcome in await asyncio.gather(*steps, return_exceptions=True):
         if isinstance(outcome, StoreUnavailable):
-            log.warning("store unavailable while settling a request (%s): its spend is not recorded", outcome.code)
+            _warn(runtime, "settling", "store unavailable while settling a request: spend not recorded", outcome)
         elif isinstance(outcome, BaseException):
             raise outcome
 

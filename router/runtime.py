@@ -21,6 +21,7 @@ from router.reliability import CircuitBreaker, RetryBudget
 from router.shared_learning import LearningSync, difficulty_key, sharing
 from router.store import MemoryStore, Store
 from router.table import RoutingTable
+from router.throttle import LogThrottle
 from router.usage import UsageMeter
 
 Part = Backend | Embedder
@@ -74,6 +75,7 @@ class Runtime:
     # semantic-cache indexes: kept across reloads, safe because their scopes are digests of the route's settings
     cache: ResponseCache = field(default_factory=ResponseCache)
     usage: UsageMeter = field(default_factory=UsageMeter)  # counters waiting for the store; kept too
+    quiet: LogThrottle = field(default_factory=LogThrottle)  # store-outage warnings: one line per interval
 
     @classmethod
     def create(
@@ -167,6 +169,7 @@ class Runtime:
             self.learning,
             cache=self.cache,
             usage=self.usage,
+            quiet=self.quiet,
         )
         if self.learning is not None:
             self.learning.attach(table, self.outcomes, learners)

@@ -375,3 +375,23 @@ def test_usage_counts_wait_out_a_store_outage(tmp_path: Path) -> None:
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_an_outage_writes_one_warning_per_interval_not_one_per_request(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    state = f'state: {{redis_url: "{server.url}", timeout_s: 0.1}}'
+    try:
+        with running(POLICY + state + "\n", store=store_from(table_from(POLICY + state).state)) as app:
+            key = app.key("key_noisy", rpm=1000)
+            assert app.chat(key).status_code == 200
+            server.kill()
+            with caplog.at_level("WARNING", logger="tiergate"):
+                codes = [app.chat(key).status_code for _ in range(30)]
+            assert set(codes) == {200}  # rate limits fail open
+            lines = [record.getMessage() for record in caplog.records if "not enforced" in record.getMessage()]
+            assert len(lines) == 1, lines
+    finally:
+        server.stop()
