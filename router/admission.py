@@ -192,8 +192,9 @@ async def admit(
     prompt_tokens = estimated_prompt_tokens(request)
     await _rate_limits(runtime, admission, pairs, prompt_tokens + (completion_limit(request) or 0), failures)
     # leases and the budget hold at once (one round trip of latency); a refusal of either undoes the other
+    lease_ttl = route.timeout_s + LEASE_SLACK_S
     steps = [
-        _lease(runtime, admission, scope, settings.max_concurrent, route.timeout_s + LEASE_SLACK_S, failures)
+        _lease(runtime, admission, scope, max(1, int(settings.max_concurrent)), lease_ttl, failures)
         for scope, settings in pairs
         if settings.max_concurrent is not None
     ]
