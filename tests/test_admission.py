@@ -395,3 +395,12 @@ def test_an_outage_writes_one_warning_per_interval_not_one_per_request(
             assert len(lines) == 1, lines
     finally:
         server.stop()
+
+
+def test_tokens_an_answer_used_beyond_the_estimate_are_debited(app: App) -> None:
+    key = app.key("key_debt", tpm=100)
+    first = app.chat(key, max_tokens=1)  # counted: 18 (prompt bound) + 1; the fake answer uses 30 tokens
+    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-tokens"] == "81"
+    second = app.chat(key, max_tokens=1)
+    # 30 used by the first (its 11 beyond the estimate debited after it) + 19 counted now: 51 left, not 62
+    assert second.status_code == 200 and int(second.headers["x-ratelimit-remaining-tokens"]) in (51, 52)
