@@ -33,6 +33,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import Connection, Reply, connect, percentile, post_request, run  # noqa: E402
+from bench.procs import cpu_seconds  # noqa: E402
 
 PY = sys.executable
 LITELLM_VERSION = "1.106.12"  # newer [proxy] extras need packages this registry lacks
@@ -96,25 +97,7 @@ def own_seconds() -> float:
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and all its descendants, as /proc shows them now."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        parents[int(entry.name)] = int(fields[1])
-        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    family, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, of in parents.items() if of == parent and child not in family]
-        family.update(children)
-        frontier.extend(children)
-    return sum(times.get(member, 0.0) for member in family)
+    return cpu_seconds(pid)
 
 
 # --- services ---

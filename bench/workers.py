@@ -43,6 +43,7 @@ from bench.overhead import (  # noqa: E402
     start,
     zero_policy,
 )
+from bench.procs import family  # noqa: E402
 
 LOADED = re.compile(r"\[(\d+)\] tiergate loaded ")
 LOCAL_CONCURRENCY = 4
@@ -80,21 +81,7 @@ def start_workers(policy: dict[str, Any], workers: int, logs: Path, ready_within
 
 
 def tree(pid: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    family, frontier = [pid], [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, of in parents.items() if of == parent and child not in family]
-        family += children
-        frontier += children
-    return family
+    return sorted(family(pid))
 
 
 def memory_mb(pid: int) -> float:

@@ -19,6 +19,7 @@ import pytest
 from backends import engine_wire as wire
 from backends.errors import ContextLengthExceeded, Overloaded, TiergateError
 from backends.protocol import ChatRequest
+from bench.procs import family
 from router.loader import PolicyError, load_policy
 from router.table import compile_policy
 from tests.conftest import ADMIN_KEY, ROOT, Server, free_port, stop_server
@@ -56,21 +57,7 @@ def serve_workers(policy: Path, log: Path, workers: int, ready_within: float = 1
 
 
 def descendants(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    found, frontier = set(), [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = {child for child, of in parents.items() if of == parent} - found
-        found |= children
-        frontier.extend(children)
-    return found
+    return family(pid) - {pid}
 
 
 def mapping(pid: int, needle: str) -> bool:
