@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from backends.base import Backend, GenerationRequest
 from backends.errors import BudgetExceeded, LimitExceeded, StoreUnavailable
@@ -39,25 +40,20 @@ NO_FAILURES = FailureSettings()
 
 
 @dataclass(frozen=True)
-class Limits:
-    """The limits that apply to a caller: its key's and its team's, each optional."""
+class Owner:
+    """Whose limits apply: the caller's key or its team, with the store scope they are counted under."""
 
-    key: LimitSettings | None
-    team: LimitSettings | None
-    key_scope: str
-    team_scope: str
-
-    def pairs(self) -> list[tuple[str, LimitSettings]]:
-        found = [(self.key_scope, self.key), (self.team_scope, self.team)]
-        return [(scope, settings) for scope, settings in found if settings is not None]
+    kind: Literal["key", "team"]
+    scope: str  # "key:<id>" or "team:<name>"
+    settings: LimitSettings
 
 
-def limits_of(table: RoutingTable, caller: Caller) -> Limits:
-    key_settings = None
+def owners_of(table: RoutingTable, caller: Caller) -> list[Owner]:
+    found: list[Owner] = []
     if caller.key is not None:
         record = caller.key
         # a stored record, checked when it was created: built without validating it again on every request
-        key_settings = LimitSettings.model_construct(
+        settings = LimitSettings.model_construct(
             models=None,
             rpm=record.rpm,
             tpm=record.tpm,
@@ -65,35 +61,51 @@ def limits_of(table: RoutingTable, caller: Caller) -> Limits:
             budget_period=record.budget_period,
             max_concurrent=record.max_concurrent,
         )
-    return Limits(key_settings, table.teams.get(caller.team), f"key:{caller.key_id}", f"team:{caller.team}")
+        found.append(Owner("key", f"key:{caller.key_id}", settings))
+    team = table.teams.get(caller.team)
+    if team is not None:
+        found.append(Owner("team", f"team:{caller.team}", team))
+    return found
+
+
+@dataclass(frozen=True)
+class Counted:
+    """One rate limit a request was counted against, and what it counts."""
+
+    owner: Literal["key", "team"]
+    unit: Literal["requests", "tokens"]
+    limit: RateLimit
 
 
 @dataclass
 class Admission:
     """What an admitted request holds until it finishes."""
 
-    caller: Caller
-    request_limits: list[tuple[RateLimit, RateDecision]] = field(default_factory=list)
-    token_limits: list[RateLimit] = field(default_factory=list)  # as counted: tokens used beyond are added after
+    counted: list[tuple[Counted, RateDecision]] = field(default_factory=list)
     leases: list[Lease] = field(default_factory=list)
     reservation: Reservation | None = None
     finished: bool = False
 
+    @property
+    def token_limits(self) -> list[RateLimit]:
+        """The token limits as counted at admission: tokens used beyond that are added when it finishes."""
+        return [counted.limit for counted, _ in self.counted if counted.unit == "tokens"]
+
     def headers(self) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers, from the tightest request and token limits (none without limits)."""
-        return limit_headers(self.request_limits)
+        return limit_headers(self.counted)
 
 
-def limit_headers(decided: list[tuple[RateLimit, RateDecision]]) -> dict[str, str]:
+def limit_headers(decided: list[tuple[Counted, RateDecision]]) -> dict[str, str]:
     headers: dict[str, str] = {}
-    for kind, unit_cost in (("requests", False), ("tokens", True)):
-        mine = [(limit, decision) for limit, decision in decided if limit.scope.endswith(":tpm") == unit_cost]
+    for unit in ("requests", "tokens"):
+        mine = [(counted, decision) for counted, decision in decided if counted.unit == unit]
         if not mine:
             continue
-        limit, decision = min(mine, key=lambda pair: pair[1].remaining)
-        headers[f"x-ratelimit-limit-{kind}"] = str(limit.limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(decision.remaining)
-        headers[f"x-ratelimit-reset-{kind}"] = duration(decision.reset_s)
+        counted, decision = min(mine, key=lambda pair: pair[1].remaining)
+        headers[f"x-ratelimit-limit-{unit}"] = str(counted.limit.limit)
+        headers[f"x-ratelimit-remaining-{unit}"] = str(decision.remaining)
+        headers[f"x-ratelimit-reset-{unit}"] = duration(decision.reset_s)
     return headers
 
 
@@ -107,7 +119,7 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{rest}s"
 
 
-def estimated_prompt_tokens(request: GenerationRequest | EmbeddingRequest) -> int:
+def prompt_token_bound(request: GenerationRequest | EmbeddingRequest) -> int:
     """An upper bound on the prompt's tokens: its UTF-8 bytes (a byte-level BPE token covers at least one byte),
     plus a chat template's markers per message."""
     if isinstance(request, EmbeddingRequest):
@@ -183,23 +195,23 @@ async def admit(
     request: GenerationRequest | EmbeddingRequest,
 ) -> Admission:
     """Take the request's limits, leases and budget hold, or raise LimitExceeded / BudgetExceeded (nothing held)."""
-    admission = Admission(caller)
-    limits = limits_of(runtime.table, caller)
-    pairs = limits.pairs()
-    if not pairs:
+    admission = Admission()
+    owners = owners_of(runtime.table, caller)
+    if not owners:
         return admission
     failures = _failures(runtime)
-    prompt_tokens = estimated_prompt_tokens(request)
-    await _rate_limits(runtime, admission, pairs, prompt_tokens + (completion_limit(request) or 0), failures)
+    prompt_tokens = prompt_token_bound(request)
+    await _rate_limits(runtime, admission, owners, prompt_tokens + (completion_limit(request) or 0), failures)
     # leases and the budget hold at once (one round trip of latency); a refusal of either undoes the other
     lease_ttl = route.timeout_s + LEASE_SLACK_S
     steps = [
-        _lease(runtime, admission, scope, max(1, int(settings.max_concurrent)), lease_ttl, failures)
-        for scope, settings in pairs
-        if settings.max_concurrent is not None
+        _lease(runtime, admission, owner, max(1, int(owner.settings.max_concurrent)), lease_ttl, failures)
+        for owner in owners
+        if owner.settings.max_concurrent is not None
     ]
     if not isinstance(request, EmbeddingRequest):
-        steps.append(_hold(runtime, admission, pairs, worst_case_usd(runtime, route, request, prompt_tokens), route))
+        amount = worst_case_usd(runtime, route, request, prompt_tokens)
+        steps.append(_hold(runtime, admission, owners, amount, route, failures))
     try:
         failed = [error for error in await asyncio.gather(*steps, return_exceptions=True) if error is not None]
         if failed:
@@ -217,52 +229,51 @@ def _bounded(limit: int) -> int:
 async def _rate_limits(
     runtime: Runtime,
     admission: Admission,
-    pairs: list[tuple[str, LimitSettings]],
+    owners: list[Owner],
     tokens: int,
     failures: FailureSettings,
 ) -> None:
-    hits: list[RateLimit] = []
-    for scope, settings in pairs:
+    hits: list[Counted] = []
+    for owner in owners:
         # clamped: a record edited in the store by hand must not make every request a 500
-        if settings.rpm is not None:
-            hits.append(RateLimit(f"{scope}:rpm", _bounded(settings.rpm), MINUTE_S))
-        if settings.tpm is not None:
-            tpm = _bounded(settings.tpm)
-            hits.append(RateLimit(f"{scope}:tpm", tpm, MINUTE_S, cost=max(1, min(tokens, tpm))))
+        if owner.settings.rpm is not None:
+            rpm = _bounded(owner.settings.rpm)
+            hits.append(Counted(owner.kind, "requests", RateLimit(f"{owner.scope}:rpm", rpm, MINUTE_S)))
+        if owner.settings.tpm is not None:
+            tpm = _bounded(owner.settings.tpm)
+            limit = RateLimit(f"{owner.scope}:tpm", tpm, MINUTE_S, cost=max(1, min(tokens, tpm)))
+            hits.append(Counted(owner.kind, "tokens", limit))
     if not hits:
         return
     try:
-        decisions = await runtime.store.hit_all(hits)
+        decisions = await runtime.store.hit_all([counted.limit for counted in hits])
     except StoreUnavailable as error:
         _fail(runtime, "rate limits", failures.rate_limits, error)
         return
     decided = list(zip(hits, decisions, strict=True))
-    refused = [(limit, decision) for limit, decision in decided if not decision.allowed]
+    refused = [(counted, decision) for counted, decision in decided if not decision.allowed]
     if refused:
-        limit, decision = max(refused, key=lambda pair: pair[1].retry_after_s)
-        scope, _, unit = limit.scope.rpartition(":")
-        what = "requests" if unit == "rpm" else "tokens"
+        counted, decision = max(refused, key=lambda pair: pair[1].retry_after_s)
         raise LimitExceeded(
-            f"Rate limit reached for {scope.partition(':')[0]} on {what} per minute: limit {limit.limit}, "
-            f"this request needs {limit.cost}; try again in {duration(decision.retry_after_s)}",
+            f"Rate limit reached for {counted.owner} on {counted.unit} per minute: limit {counted.limit.limit}, "
+            f"this request needs {counted.limit.cost}; try again in {duration(decision.retry_after_s)}",
             retry_after=decision.retry_after_s,
             limit_headers=limit_headers(decided),
         )
-    admission.request_limits = decided
-    admission.token_limits = [limit for limit in hits if limit.scope.endswith(":tpm")]
+    admission.counted = decided
 
 
 async def _lease(
-    runtime: Runtime, admission: Admission, scope: str, limit: int, ttl_s: float, failures: FailureSettings
+    runtime: Runtime, admission: Admission, owner: Owner, limit: int, ttl_s: float, failures: FailureSettings
 ) -> None:
     try:
-        lease = await runtime.store.acquire(f"{scope}:concurrent", limit, ttl_s)
+        lease = await runtime.store.acquire(f"{owner.scope}:concurrent", limit, ttl_s)
     except StoreUnavailable as error:
         _fail(runtime, "concurrency caps", failures.concurrency, error)
         return
     if lease is None:
         raise LimitExceeded(
-            f"Too many concurrent requests for {scope.partition(':')[0]}: the limit is {limit}",
+            f"Too many concurrent requests for {owner.kind}: the limit is {limit}",
             retry_after=1.0,
             limit_headers=admission.headers(),
         )
@@ -270,23 +281,29 @@ async def _lease(
 
 
 async def _hold(
-    runtime: Runtime, admission: Admission, pairs: list[tuple[str, LimitSettings]], amount_usd: float, route: Route
+    runtime: Runtime,
+    admission: Admission,
+    owners: list[Owner],
+    amount_usd: float,
+    route: Route,
+    failures: FailureSettings,
 ) -> None:
     budgets = [
-        BudgetScope(scope, settings.budget_usd, settings.budget_period)
-        for scope, settings in pairs
-        if settings.budget_usd is not None
+        BudgetScope(owner.scope, owner.settings.budget_usd, owner.settings.budget_period)
+        for owner in owners
+        if owner.settings.budget_usd is not None
     ]
     if not budgets or amount_usd <= 0:
         return  # a request that cannot cost anything needs no hold
     try:
         held = await runtime.store.reserve(budgets, amount_usd, route.timeout_s + HOLD_SLACK_S)
     except StoreUnavailable as error:
-        _fail(runtime, "budgets", _failures(runtime).budgets, error)
+        _fail(runtime, "budgets", failures.budgets, error)
         return
     if isinstance(held, BudgetRefusal):
+        whose = next(owner.kind for owner in owners if owner.scope == held.scope)
         raise BudgetExceeded(
-            f"The {held.period}ly budget of {held.scope.partition(':')[0]} is exhausted: this request may cost "
+            f"The {held.period}ly budget of {whose} is exhausted: this request may cost "
             f"up to ${amount_usd:.6f} and ${held.limit_usd - held.spent_usd - held.held_usd:.6f} of "
             f"${held.limit_usd:.2f} is left (set max_tokens to hold less)"
         )
