@@ -21,7 +21,7 @@ from router import engine
 from router.access import KnownKeys, allowed_models, authenticate, check_model
 from router.admission import Admission, admit, finish
 from router.context import RequestContext
-from router.costs import Costs
+from router.costs import Costs, tokens_of
 from router.engine import Answer, Stream
 from router.runtime import Runtime, RuntimeRef
 from router.table import RoutingTable
@@ -181,8 +181,7 @@ async def _generation(request: Request, schema: type[ChatRequest] | type[Complet
 
 
 def _tokens(payload: dict[str, Any]) -> int:
-    usage = payload.get("usage") or {}
-    return int(usage.get("total_tokens", 0))
+    return sum(tokens_of(payload.get("usage") or {}))
 
 
 async def chat_completions(request: Request) -> Response:

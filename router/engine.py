@@ -263,9 +263,7 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
         waited += plan.waited_s
         if remember is not None and not validators:  # a validated stream is stored only when buffered (above)
             rest = runtime.cache.remember_stream(runtime.store, remember, first, rest)
-        metered = _metered(
-            runtime, first, rest, backend, found, costs, context, began, request, request.include_usage()
-        )
+        metered = _metered(runtime, first, rest, backend, found, costs, context, began, request)
         try:
             first_out = await anext(metered)
         except StopAsyncIteration as empty:  # nothing but a usage chunk the client did not ask for
@@ -286,7 +284,6 @@ async def _metered(
     context: RequestContext,
     began: float,
     request: GenerationRequest,
-    client_wants_usage: bool,
 ) -> AsyncIterator[Payload]:
     """Relay a stream, always metered (usage was asked of the backend); usage reaches the client only if asked.
 
@@ -296,6 +293,7 @@ async def _metered(
     """
     usage: Payload | None = None
     relayed = 0
+    client_wants_usage = request.include_usage()
 
     def shown(chunk: Payload) -> Payload | None:
         nonlocal usage, relayed
