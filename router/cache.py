@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -31,6 +30,7 @@ from router.context import Caller, RequestContext
 from router.semantic_index import Entry, ScopeIndex, SemanticIndex, Vector
 from router.store.base import Store
 from router.table import Route, RoutingTable
+from router.throttle import LogThrottle
 from router.validators import prompt_text
 
 log = logging.getLogger("tiergate")
@@ -137,14 +137,12 @@ class ResponseCache:
 
     index: SemanticIndex = field(default_factory=SemanticIndex)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    warned: dict[str, float] = field(default_factory=dict)
+    quiet: LogThrottle = field(default_factory=lambda: LogThrottle(WARN_EVERY_S))
     routes: dict[int, tuple[Route, str]] = field(default_factory=dict)  # id(route) -> (route, its digest)
     clock: Callable[[], float] = time.time  # epoch seconds: expiry is shared across replicas
 
     def warn(self, what: str, error: TiergateError) -> None:
-        now = time.monotonic()
-        if now - self.warned.get(what, -math.inf) >= WARN_EVERY_S:
-            self.warned[what] = now
+        if self.quiet.due(what) is not None:
             log.warning("response cache: %s failed, requests go to the backends: %s", what, error.message)
 
     def route_digest(self, table: RoutingTable, route: Route) -> str:
