@@ -15,6 +15,9 @@ from backends.protocol import ChatRequest
 from router.loader import parse_policy
 from router.table import RoutingTable, compile_policy
 
+# A backend entry for policies whose backends the test passes as fakes by name (nothing listens on port 9).
+PLACEHOLDER = '{type: openai, base_url: "http://127.0.0.1:9/v1", model: m}'
+
 
 @dataclass
 class Reply:

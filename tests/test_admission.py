@@ -17,10 +17,9 @@ from backends.base import Price
 from backends.errors import StoreUnavailable
 from gateway.app import create_app
 from router.store import KeyRecord, MemoryStore, Store, hash_api_key, store_from
-from tests.fakes import FakeBackend, Reply, table_from
+from tests.fakes import PLACEHOLDER, FakeBackend, Reply, table_from
 from tests.redis_server import RedisServer
 
-PLACEHOLDER = '{type: openai, base_url: "http://127.0.0.1:9/v1", model: m}'
 POLICY = f"""
 server: {{managed_keys: true, api_keys: [static-key]}}
 reliability: {{retries: {{max_retries: 0}}}}

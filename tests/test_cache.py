@@ -31,11 +31,10 @@ from router.loader import PolicyError
 from router.runtime import Runtime
 from router.store import MemoryStore, RedisStore, Store
 from tests.conftest import Server, serving, started
-from tests.fakes import FakeBackend, FakeEmbedder, Reply, table_from
+from tests.fakes import PLACEHOLDER, FakeBackend, FakeEmbedder, Reply, table_from
 from tests.redis_server import RedisServer
 from tests.upstream import Behaviour, UpstreamServer
 
-PLACEHOLDER = '{type: openai, base_url: "http://127.0.0.1:9/v1", model: m}'
 POLICY = f"""
 reliability:
   retries: {{max_retries: 0}}

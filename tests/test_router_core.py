@@ -14,9 +14,8 @@ from router import engine
 from router.context import RequestContext
 from router.runtime import Runtime
 from router.trace import Attempt, Escalation, Skip
-from tests.fakes import FakeBackend, FakeEmbedder, Reply, table_from
+from tests.fakes import PLACEHOLDER, FakeBackend, FakeEmbedder, Reply, table_from
 
-PLACEHOLDER = '{type: openai, base_url: "http://127.0.0.1:9/v1", model: m}'
 POLICY = f"""
 reliability:
   retries: {{max_retries: 0}}

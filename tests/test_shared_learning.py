@@ -37,10 +37,9 @@ from router.shared_learning import (
 )
 from router.store import MemoryStore, RedisStore
 from router.table import RoutingTable
-from tests.fakes import FakeBackend, FakeEmbedder, Reply, table_from
+from tests.fakes import PLACEHOLDER, FakeBackend, FakeEmbedder, Reply, table_from
 from tests.redis_server import RedisServer
 
-PLACEHOLDER = '{type: openai, base_url: "http://127.0.0.1:9/v1", model: m}'
 POLICY = """
 {state}
 reliability:
