@@ -21,6 +21,14 @@ class RedisServer:
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
+    def __enter__(self) -> RedisServer:
+        """Started; stopped when the block ends, however it ends."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"

@@ -426,10 +426,8 @@ def test_cli_without_a_gateway(tmp_path: Path) -> None:
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    started = RedisServer(tmp_path)
-    started.start()
-    yield started
-    started.stop()
+    with RedisServer(tmp_path) as started:
+        yield started
 
 
 def test_a_key_made_through_one_gateway_is_seen_by_another_on_the_same_redis(

@@ -237,11 +237,9 @@ def test_concurrent_requests_of_a_key_are_capped(app: App) -> None:
 
 
 def test_store_down_follows_on_failure_and_recovers(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path, persistent=True)
-    server.start()
     breaker = "{consecutive_failures: 2, cooldown_s: 0.2}"
-    state = f'state: {{redis_url: "{server.url}", timeout_s: 0.1, breaker: {breaker}}}'
-    try:
+    with RedisServer(tmp_path, persistent=True) as server:
+        state = f'state: {{redis_url: "{server.url}", timeout_s: 0.1, breaker: {breaker}}}'
         with running(POLICY + state + "\n", store=store_from(table_from(POLICY + state).state)) as app:
             limited = app.key("key_rpm", rpm=1000)
             budgeted = app.key("key_money", budget_usd=1.0)
@@ -266,8 +264,6 @@ def test_store_down_follows_on_failure_and_recovers(tmp_path: Path) -> None:
                 time.sleep(0.1)
             assert app.chat(never_seen).status_code == 200
             assert app.spend("key:key_money") == pytest.approx(2 * 0.00003)  # before and after; none while down
-    finally:
-        server.stop()
 
 
 # --- usage reports ---
@@ -349,10 +345,7 @@ def test_usage_counts_wait_out_a_store_outage(tmp_path: Path) -> None:
     from router.store import RedisStore
     from router.usage import UsageMeter, day_of, usage_of
 
-    server = RedisServer(tmp_path)
-    server.start()
-
-    async def scenario() -> None:
+    async def scenario(server: RedisServer) -> None:
         store = RedisStore(server.url, timeout_s=0.2)
         meter = UsageMeter()
         context = RequestContext(caller=Caller("key_out", "ops"))
@@ -370,19 +363,15 @@ def test_usage_counts_wait_out_a_store_outage(tmp_path: Path) -> None:
         finally:
             await store.aclose()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.stop()
+    with RedisServer(tmp_path) as server:
+        asyncio.run(scenario(server))
 
 
 def test_an_outage_writes_one_warning_per_interval_not_one_per_request(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = RedisServer(tmp_path)
-    server.start()
-    state = f'state: {{redis_url: "{server.url}", timeout_s: 0.1}}'
-    try:
+    with RedisServer(tmp_path) as server:
+        state = f'state: {{redis_url: "{server.url}", timeout_s: 0.1}}'
         with running(POLICY + state + "\n", store=store_from(table_from(POLICY + state).state)) as app:
             key = app.key("key_noisy", rpm=1000)
             assert app.chat(key).status_code == 200
@@ -392,8 +381,6 @@ def test_an_outage_writes_one_warning_per_interval_not_one_per_request(
             assert set(codes) == {200}  # rate limits fail open
             lines = [record.getMessage() for record in caplog.records if "not enforced" in record.getMessage()]
             assert len(lines) == 1, lines
-    finally:
-        server.stop()
 
 
 def test_tokens_an_answer_used_beyond_the_estimate_are_debited(app: App) -> None:

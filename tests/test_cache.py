@@ -63,10 +63,8 @@ ASK = [{"role": "user", "content": "hello"}]
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 StoreFactory = Callable[[], Store]
@@ -381,10 +379,7 @@ def test_minilm_paraphrases_hit_and_other_questions_miss() -> None:
 def test_requests_are_answered_while_redis_is_down_and_the_failure_is_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = RedisServer(tmp_path)
-    server.start()
-
-    async def scenario() -> None:
+    async def scenario(server: RedisServer) -> None:
         store = RedisStore(server.url, prefix="down:")
         big = FakeBackend("big")
         runtime = runtime_on(store, big)
@@ -401,11 +396,8 @@ def test_requests_are_answered_while_redis_is_down_and_the_failure_is_logged_onc
         finally:
             await store.aclose()
 
-    with caplog.at_level(logging.WARNING, logger="tiergate"):
-        try:
-            asyncio.run(scenario())
-        finally:
-            server.stop()
+    with caplog.at_level(logging.WARNING, logger="tiergate"), RedisServer(tmp_path) as server:
+        asyncio.run(scenario(server))
     warnings = [record for record in caplog.records if "response cache" in record.getMessage()]
     assert len(warnings) == 1
 

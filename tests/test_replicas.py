@@ -43,10 +43,8 @@ ANSWER_USD = 5 * 100 / 1e6
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"), persistent=True)
-    server.start()
-    yield server
-    server.stop()
+    with RedisServer(tmp_path_factory.mktemp("redis"), persistent=True) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

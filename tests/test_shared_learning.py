@@ -107,10 +107,8 @@ async def eventually(check: Callable[[], bool], within: float = WITHIN_S) -> Non
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
-    started = RedisServer(tmp_path)
-    started.start()
-    yield started
-    started.stop()
+    with RedisServer(tmp_path) as started:
+        yield started
 
 
 def two_replicas(

@@ -25,10 +25,8 @@ CONTRACT_TIMEOUT_S = 2.0
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(Path(tmp_path_factory.mktemp("redis")))
-    server.start()
-    yield server
-    server.stop()
+    with RedisServer(Path(tmp_path_factory.mktemp("redis"))) as server:
+        yield server
 
 
 @pytest.fixture(params=["memory", "redis"])

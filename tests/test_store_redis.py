@@ -34,10 +34,8 @@ OPEN_BREAKER_BOUND_S = 0.005
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
-    started = RedisServer(tmp_path)
-    started.start()
-    yield started
-    started.stop()
+    with RedisServer(tmp_path) as started:
+        yield started
 
 
 async def timed(call: Awaitable[T]) -> tuple[float, T | StoreUnavailable]:

@@ -172,10 +172,8 @@ def test_an_error_crosses_the_wire_as_the_same_class_and_fields(error: TiergateE
 
 @pytest.fixture(scope="module")
 def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 def test_two_workers_answer_on_one_port(tmp_path: Path, redis: RedisServer, upstream: UpstreamServer) -> None:
