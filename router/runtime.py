@@ -76,6 +76,7 @@ class Runtime:
     cache: ResponseCache = field(default_factory=ResponseCache)
     usage: UsageMeter = field(default_factory=UsageMeter)  # counters waiting for the store; kept too
     quiet: LogThrottle = field(default_factory=LogThrottle)  # store-outage warnings: one line per interval
+    version: str = ""  # the policy's version (counter-hash, router/policy_version.py); x-tiergate-policy carries it
 
     @classmethod
     def create(
