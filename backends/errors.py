@@ -85,6 +85,14 @@ class NotFound(TiergateError):
     code = "model_not_found"
 
 
+class ReloadFailed(TiergateError):
+    """A valid policy whose new parts could not be loaded, or would not fit in memory: nothing was swapped."""
+
+    status = 422
+    error_type = "invalid_request_error"
+    code = "reload_failed"
+
+
 class BodyTooLarge(TiergateError):
     status = 413
     error_type = "invalid_request_error"

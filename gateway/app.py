@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 
@@ -23,10 +24,13 @@ from starlette.routing import Route
 from backends.base import Backend, Embedder
 from backends.errors import BadRequest, NotFound, TiergateError
 from gateway.admin import admin_routes
+from gateway.admin_policy import policy_routes
 from gateway.health import Health
 from gateway.http import HeaderLimit, error_response, json_response
 from gateway.openai_routes import Gateway, gateway_of, routes
-from router.loader import DEFAULT_POLICY, load_policy
+from gateway.reload import PartFactory, PolicySource, Reloader, Running
+from gateway.reload_triggers import Triggers
+from router.loader import DEFAULT_POLICY
 from router.runtime import Runtime, RuntimeRef
 from router.store import Store, store_from
 from router.table import RoutingTable, compile_policy
@@ -68,23 +72,47 @@ def create_app(
     embedders: Mapping[str, Embedder] | None = None,
     admin_key: str | None = None,
     store: Store | None = None,
+    policy: PolicySource | None = None,
+    parts: PartFactory | None = None,
+    watch: bool = False,
 ) -> FastAPI:
     """The gateway for `table`; `admin_key` (a bearer token) unlocks the admin routes and the details of /readyz;
-    `store` defaults to the one the policy's `state:` names (process memory without it)."""
+    `store` defaults to the one the policy's `state:` names (process memory without it).
+
+    `policy` is the text `table` was compiled from (read from `table.source` when that is a file): reloads start
+    from it. `watch` adds the triggers of a served gateway: SIGHUP and changes of the policy file.
+    """
     runtime = Runtime.create(table, backends, embedders, store=store if store is not None else store_from(table.state))
     every: dict[str, Backend | Embedder] = runtime.parts()
     health = Health({}, admin_key or None)
+    if policy is None and os.path.isfile(table.source):
+        policy = PolicySource.read(table.source)
+    runtimes = RuntimeRef(runtime)
+    reloader = Reloader(runtimes, health, Running.of(policy), policy.file if policy else None, parts or PartFactory())
+    runtime.version = str(reloader.running.version)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(_start_all(every, health))
         app.state.loading = loading
+        reloader.first_load = loading
         if runtime.learning is not None:  # a reload keeps it: started once, reading the runtime in use
             runtime.learning.start(lambda: gateway_of_app(app).runtime)
         metering = asyncio.create_task(runtime.usage.run(runtime.store))  # a reload keeps meter and store
+        triggers = Triggers(reloader)
+        adoption = await reloader.boot()
+        if adoption is not None:
+            triggers.tasks.add(adoption)
+        if watch and threading.current_thread() is threading.main_thread():
+            triggers.on_sighup()
+        if watch and table.server.watch_policy:
+            triggers.watch_file()
+        if table.state is not None:  # replicas share the store: follow what the others publish
+            triggers.follow_store(table.state.policy_sync_s)
         try:
             yield
         finally:
+            await triggers.stop()
             loading.cancel()
             metering.cancel()  # its last flush runs as it stops
             for task in (loading, metering):
@@ -92,14 +120,17 @@ def create_app(
                     await task
             if runtime.learning is not None:
                 await runtime.learning.stop()
-            for learner in gateway_of_app(app).runtime.learners.values():
+            final = gateway_of_app(app).runtime
+            for learner in final.learners.values():
                 await learner.drain()  # no refit left running against a closed loop
-            for part in every.values():
+            await reloader.aclose()
+            for part in final.parts().values():
                 await part.aclose()
-            await gateway_of_app(app).runtime.store.aclose()
+            await final.store.aclose()
 
     app = FastAPI(title="tiergate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.gateway = Gateway(RuntimeRef(runtime), time.time())
+    app.state.gateway = Gateway(runtimes, time.time())
+    app.state.reloader = reloader
     app.state.health = health
     app.state.admin_key = admin_key or None  # gateway/admin.py: admin routes are refused without one
 
@@ -112,7 +143,7 @@ def create_app(
     app.router.routes.extend(
         [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *routes()]
     )
-    app.router.routes.extend(admin_routes())
+    app.router.routes.extend([*admin_routes(), *policy_routes()])
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -136,5 +167,6 @@ def gateway_of_app(app: FastAPI) -> Gateway:
 
 def app_from_env() -> FastAPI:
     """The app for the policy at $TIERGATE_POLICY (default policies/default.yaml), admin key $TIERGATE_ADMIN_KEY."""
-    table = compile_policy(load_policy(os.environ.get("TIERGATE_POLICY", DEFAULT_POLICY)))
-    return create_app(table, admin_key=os.environ.get("TIERGATE_ADMIN_KEY") or None)
+    policy = PolicySource.read(os.environ.get("TIERGATE_POLICY", DEFAULT_POLICY))
+    table = compile_policy(policy.loaded)
+    return create_app(table, admin_key=os.environ.get("TIERGATE_ADMIN_KEY") or None, policy=policy, watch=True)

@@ -77,7 +77,7 @@ class Health:
             detailed = self.shows_details(request, runtime.table)
         except AuthenticationFailed as error:
             return error_response(error)
-        body = self.details(runtime, found) if detailed else {"status": found.status}
+        body = self.details(runtime, found) if detailed else {"status": found.status, "policy": runtime.version}
         return json_response(body, 200 if found.status == "ready" else 503)
 
     def details(self, runtime: Runtime, found: Readiness) -> dict[str, Any]:
@@ -90,7 +90,13 @@ class Health:
         for name, reason in runtime.table.disabled.items():
             backends[name] = {"state": f"disabled: {reason}"}
         circuits = runtime.breaker_states()
-        body = {"status": found.status, "models": found.models, "backends": backends, "circuits": circuits}
+        body = {
+            "status": found.status,
+            "policy": runtime.version,
+            "models": found.models,
+            "backends": backends,
+            "circuits": circuits,
+        }
         if runtime.learning is not None:
             body["learning"] = runtime.learning.status()
         return body

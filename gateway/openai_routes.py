@@ -64,6 +64,7 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
         request.state.context = context
         runtime = gateway.runtime  # taken once: a policy swapped meanwhile does not change this request's table
         request.state.runtime = runtime
+        runtime.in_flight += 1  # a reload closes the parts it retired once this is back to 0
         try:
             authorization = request.headers.get("authorization", "")
             context.caller = await authenticate(runtime.table, runtime.store, gateway.known_keys, authorization)
@@ -75,9 +76,19 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
         except Exception:
             log.exception("unhandled error on %s", request.scope["path"])
             response = error_response(InternalError("internal error; see the gateway log"))
+        except BaseException:  # cancelled: the request ends here
+            runtime.in_flight -= 1
+            raise
+        response.headers["x-tiergate-policy"] = runtime.version
         if isinstance(response, EventStream):
-            response.on_end = lambda ended: _access_line(request, response, began, context, ended)
+
+            def stream_ended(ended: str) -> None:
+                runtime.in_flight -= 1
+                _access_line(request, response, began, context, ended)
+
+            response.on_end = stream_ended
         else:
+            runtime.in_flight -= 1
             _access_line(request, response, began, context)
         return response
 

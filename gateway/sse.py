@@ -47,7 +47,18 @@ class EventStream(Response):
         self.ended = "client_closed"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await self._relay(scope, receive, send)
+        finally:  # even when the client was gone before the status line: limits settle, the request ends
+            try:
+                if self.settle is not None:
+                    await self.settle()
+            finally:
+                if self.on_end is not None:
+                    self.on_end(self.ended)
+
+    async def _relay(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send, scope["path"]))
         watcher = asyncio.ensure_future(wait_for_disconnect(receive))
         try:
@@ -58,10 +69,6 @@ class EventStream(Response):
                 pump.cancel()  # the client left: stop generating, free the model
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await pump
-            if self.settle is not None:
-                await self.settle()
-            if self.on_end is not None:
-                self.on_end(self.ended)
 
     async def _pump(self, send: Send, path: str) -> None:
         # The status line is gone: a failure can only end the stream with an error event, so it is logged

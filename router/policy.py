@@ -49,6 +49,12 @@ class ServerSettings(Section):
         "needs `state:` (Redis), so that keys, limits and budgets hold across them; local models are then loaded "
         "once, in one engine process the workers share.",
     )
+    watch_policy: bool = Field(
+        True,
+        description="`tiergate serve` reloads the policy when its file changes (the folder is watched, so editors "
+        "that rename a temp file over it and Kubernetes ConfigMap updates count). SIGHUP and the admin API reload "
+        "either way.",
+    )
     readyz_details: bool = Field(
         False,
         description="Serve /readyz details (backends, upstream URLs, load errors, circuits) to anyone when "
@@ -134,6 +140,13 @@ class StateSettings(Section):
         le=5,
         description="A managed key verified this recently is not looked up again: one store round trip less per "
         "request; a revocation or change then takes up to this long to reach every replica (0: look up every time).",
+    )
+    policy_sync_s: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="How often each replica reads the shared policy counter; a reload on one replica reaches the "
+        "others within about this long.",
     )
     learning: LearningSettings = Field(
         default_factory=LearningSettings, description="Sharing what the router learns through the store."

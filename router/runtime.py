@@ -76,7 +76,8 @@ class Runtime:
     cache: ResponseCache = field(default_factory=ResponseCache)
     usage: UsageMeter = field(default_factory=UsageMeter)  # counters waiting for the store; kept too
     quiet: LogThrottle = field(default_factory=LogThrottle)  # store-outage warnings: one line per interval
-    version: str = ""  # the policy's version (counter-hash, router/policy_version.py); x-tiergate-policy carries it
+    version: str = ""  # the policy's version (counter-digest, router/policy_version.py); x-tiergate-policy carries it
+    in_flight: int = 0  # requests that took this runtime and have not ended: a reload closes retired parts at 0
 
     @classmethod
     def create(
@@ -113,11 +114,13 @@ class Runtime:
         table: RoutingTable,
         build_backend: Callable[[str], Backend] | None = None,
         build_embedder: Callable[[str], Embedder] | None = None,
+        rebuild: frozenset[str] = frozenset(),
     ) -> tuple[Runtime, list[Part], list[Part]]:
         """The runtime for a new table, and the parts to close (gone or changed) and to start (new or changed).
 
         Backends and embedders whose settings did not change are kept as they are, with their circuit breakers;
-        difficulty learners of routes whose settings did not change are kept with what they learned.
+        difficulty learners of routes whose settings did not change are kept with what they learned. Parts named
+        in `rebuild` (those that failed to load) are built anew even when unchanged, so that a reload retries them.
         """
         new_backend = build_backend or (lambda name: table.backends[name].create(name))
         new_embedder = build_embedder or (lambda name: table.embedders[name].create(name))
@@ -127,7 +130,7 @@ class Runtime:
         for name, settings in table.backends.items():
             if name in table.disabled:
                 continue
-            kept = name in self.backends and self.table.backends.get(name) == settings
+            kept = name in self.backends and self.table.backends.get(name) == settings and name not in rebuild
             backends[name] = self.backends[name] if kept else new_backend(name)
             if kept and table.reliability.breaker == self.table.reliability.breaker:
                 breakers[name] = self.attempts.breakers[name]
@@ -137,7 +140,9 @@ class Runtime:
                 started.append(backends[name])
         embedders: dict[str, Embedder] = {}
         for name, embedder_settings in table.embedders.items():
-            kept = name in self.embedders and self.table.embedders.get(name) == embedder_settings
+            kept = (
+                name in self.embedders and self.table.embedders.get(name) == embedder_settings and name not in rebuild
+            )
             embedders[name] = self.embedders[name] if kept else new_embedder(name)
             if not kept:
                 started.append(embedders[name])

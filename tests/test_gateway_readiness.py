@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -49,7 +50,9 @@ def test_one_broken_optional_backend_does_not_keep_the_gateway_unready(gateway: 
 
 def test_readyz_without_the_admin_key_says_only_ready_or_not(gateway: Server, upstream: UpstreamServer) -> None:
     response = httpx.get(f"{gateway.url}/readyz", timeout=5)
-    assert response.json() == {"status": "ready"}
+    body = response.json()
+    assert set(body) == {"status", "policy"} and body["status"] == "ready"
+    assert re.fullmatch(r"[0-9]+-[0-9a-f]{8}", body["policy"])  # the version only: a counter and a digest prefix
     for secret in (upstream.url, "127.0.0.1", "good", "broken", MISSING, "Error"):
         assert secret not in response.text
 

@@ -348,3 +348,28 @@ def test_counters_add_up_across_replicas_and_lapse(new_store: Factory) -> None:
         assert await second.counts("short") == {}
 
     run(new_store, check, replicas=2)
+
+
+# --- the running policy ---
+
+
+def test_published_policies_count_up_and_every_replica_reads_the_last(new_store: Factory) -> None:
+    async def scenario(first: Store, second: Store) -> None:
+        assert await first.policy_counter() == 0 and await second.policy_record() is None
+        one = await first.publish_policy("d1", "b1", "models: {}\n", "a.yaml", "file")
+        two = await second.publish_policy("d2", "b1", "text: ünïcode\n" * 3, "<api>", "put")
+        assert (one.counter, two.counter) == (1, 2)
+        assert await first.policy_counter() == 2
+        found = await first.policy_record()
+        assert found is not None
+        assert (found.counter, found.digest, found.base, found.text, found.source, found.trigger) == (
+            2,
+            "d2",
+            "b1",
+            "text: ünïcode\n" * 3,
+            "<api>",
+            "put",
+        )
+        assert abs(found.at - two.at) < 1e-3
+
+    run(new_store, scenario, replicas=2)

@@ -160,6 +160,24 @@ class Lease:
     ttl_s: float
 
 
+@dataclass(frozen=True)
+class PolicyRecord:
+    """The policy every replica should run, as the last successful reload anywhere published it.
+
+    `counter` is assigned by the store (one more than the last publish); `base` is the digest of the policy file
+    the publishing replica started from, so that a replica restarted on the same file adopts a policy put
+    through the API since then, and one started on a newer file does not.
+    """
+
+    counter: int
+    digest: str
+    base: str
+    text: str
+    source: str
+    trigger: str
+    at: float
+
+
 class Store(Protocol):
     # --- managed keys (records addressed by id and by key hash) ---
 
@@ -260,5 +278,17 @@ class Store(Protocol):
     async def log_read(self, name: str, limit: int) -> list[bytes]:
         """The newest `limit` items, oldest first."""
         ...
+
+    # --- the running policy (reloads reach every replica) ---
+
+    async def publish_policy(self, digest: str, base: str, text: str, source: str, trigger: str) -> PolicyRecord:
+        """Store this policy as the one to run, with the next counter, in one atomic step."""
+        ...
+
+    async def policy_counter(self) -> int:
+        """The counter of the last published policy (0: none yet); cheap, for polling."""
+        ...
+
+    async def policy_record(self) -> PolicyRecord | None: ...
 
     async def aclose(self) -> None: ...

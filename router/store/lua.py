@@ -180,3 +180,12 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('PEXPIREAT', 
 return 1
 """
 )
+
+# KEYS counter, record; ARGV digest, base, text, source, trigger, at -> the new counter
+PUBLISH_POLICY = """
+local counter = redis.call('INCR', KEYS[1])
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'counter', counter, 'digest', ARGV[1], 'base', ARGV[2], 'text', ARGV[3],
+  'source', ARGV[4], 'trigger', ARGV[5], 'at', ARGV[6])
+return counter
+"""

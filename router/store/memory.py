@@ -19,6 +19,7 @@ from router.store.base import (
     KeyRecord,
     Lease,
     Period,
+    PolicyRecord,
     RateDecision,
     RateLimit,
     Reservation,
@@ -72,6 +73,7 @@ class MemoryStore:
         self._cache: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._cache_bytes = 0
         self._logs: dict[str, deque[bytes]] = {}
+        self._policy: PolicyRecord | None = None
         self._counters: dict[str, tuple[dict[str, int], float]] = {}  # scope -> (counters, lapses at)
         self._swept = clock()
 
@@ -240,6 +242,17 @@ class MemoryStore:
     async def log_read(self, name: str, limit: int) -> list[bytes]:
         log = self._logs.get(name, deque())
         return list(log)[-limit:] if limit > 0 else []
+
+    async def publish_policy(self, digest: str, base: str, text: str, source: str, trigger: str) -> PolicyRecord:
+        counter = (self._policy.counter if self._policy is not None else 0) + 1
+        self._policy = PolicyRecord(counter, digest, base, text, source, trigger, time.time())
+        return self._policy
+
+    async def policy_counter(self) -> int:
+        return self._policy.counter if self._policy is not None else 0
+
+    async def policy_record(self) -> PolicyRecord | None:
+        return self._policy
 
     async def aclose(self) -> None:
         return None

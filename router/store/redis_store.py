@@ -36,6 +36,7 @@ from router.store.base import (
     KeyRecord,
     Lease,
     Period,
+    PolicyRecord,
     RateDecision,
     RateLimit,
     Reservation,
@@ -125,6 +126,7 @@ class RedisStore:
         self._spend = self.client.register_script(lua.SPEND)
         self._acquire = self.client.register_script(lua.ACQUIRE)
         self._renew = self.client.register_script(lua.RENEW)
+        self._publish_policy = self.client.register_script(lua.PUBLISH_POLICY)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -372,6 +374,34 @@ class RedisStore:
             return []
         items = await self._call(lambda: self.client.lrange(self.key("log", name), -limit, -1))
         return [as_bytes(item) for item in items]
+
+    # --- the running policy: a counter and one hash, written together ---
+
+    async def publish_policy(self, digest: str, base: str, text: str, source: str, trigger: str) -> PolicyRecord:
+        at = time.time()
+        keys = [self.key("policy", "counter"), self.key("policy", "record")]
+        arguments = [digest, base, text, source, trigger, repr(at)]
+        counter = await self._call(lambda: self._publish_policy(keys=keys, args=arguments))
+        return PolicyRecord(int(counter), digest, base, text, source, trigger, at)
+
+    async def policy_counter(self) -> int:
+        found = await self._call(lambda: self.client.hget(self.key("policy", "record"), "counter"))
+        return int(found) if found is not None else 0
+
+    async def policy_record(self) -> PolicyRecord | None:
+        found = await self._call(lambda: self.client.hgetall(self.key("policy", "record")))
+        if not found:
+            return None
+        fields = {as_text(name): as_text(value) for name, value in found.items()}
+        return PolicyRecord(
+            int(fields["counter"]),
+            fields["digest"],
+            fields["base"],
+            fields["text"],
+            fields["source"],
+            fields["trigger"],
+            float(fields["at"]),
+        )
 
     async def aclose(self) -> None:
         if self._abandoned:
