@@ -57,6 +57,11 @@ class EngineBackend:
             entry = await self._poll()
             if entry is not None and entry.get("error"):
                 raise BackendUnavailable(str(entry["error"]))
+            if entry is not None and entry.get("settings") not in (None, wire.settings_digest(self.settings)):
+                raise BackendUnavailable(
+                    f"backend '{self.name}': the engine process loaded it with other settings than this policy's "
+                    "(local models change only when `tiergate serve` restarts)"
+                )
             if self._ready:
                 break
             if asyncio.get_running_loop().time() > deadline:

@@ -7,9 +7,11 @@ breakers in the worker read exactly the error the model's process raised.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 import orjson
+from pydantic import BaseModel
 
 from backends import errors, upstream_errors
 from backends.base import GenerationRequest
@@ -74,3 +76,8 @@ def decode_error(fields: dict[str, Any]) -> errors.TiergateError:
 def line(kind: Literal["chunk", "answer", "error"], value: Any) -> bytes:
     """One line of the engine's answer: NDJSON, a chunk per line, an answer or an error ending it."""
     return orjson.dumps({kind: value}) + b"\n"
+
+
+def settings_digest(settings: BaseModel) -> str:
+    """What the engine loaded a backend with, in a form a worker can compare its own settings to."""
+    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]

@@ -51,8 +51,9 @@ def engine_backend_names(table: RoutingTable) -> list[str]:
 class Engine:
     """The loaded backends and how their loading went; read by the routes."""
 
-    def __init__(self, backends: Mapping[str, Backend]) -> None:
+    def __init__(self, backends: Mapping[str, Backend], settings: Mapping[str, str] | None = None) -> None:
         self.backends = dict(backends)
+        self.settings = dict(settings or {})  # name -> wire.settings_digest of what it was loaded with
         self.failures: dict[str, str] = {}
         self.loading_done = False
 
@@ -82,7 +83,12 @@ class Engine:
             "pid": os.getpid(),
             "loading_done": self.loading_done,
             "backends": {
-                name: {"ready": backend.ready(), "error": self.failures.get(name), "status": backend.status()}
+                name: {
+                    "ready": backend.ready(),
+                    "error": self.failures.get(name),
+                    "status": backend.status(),
+                    "settings": self.settings.get(name),
+                }
                 for name, backend in self.backends.items()
             },
         }
@@ -182,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     listener = log_off_the_hot_path(os.environ.get("TIERGATE_LOG_LEVEL", "INFO"), WITH_PID)
     table = compile_policy(load_policy(args.policy))
     names = engine_backend_names(table)
-    engine = Engine({name: table.backends[name].create(name) for name in names})
+    engine = Engine(
+        {name: table.backends[name].create(name) for name in names},
+        {name: wire.settings_digest(table.backends[name]) for name in names},
+    )
     log.info("engine process %d serving %s on %s", os.getpid(), ", ".join(names) or "nothing", args.socket)
     sock = bind_private(args.socket)
     config = uvicorn.Config(

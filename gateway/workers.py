@@ -22,9 +22,10 @@ from backends.base import Backend
 from backends.engine_client import EngineBackend
 from backends.llamacpp import LlamaCppSettings
 from gateway.app import create_app
-from gateway.engine_process import engine_backend_names
+from gateway.engine_process import ENGINE_KINDS, engine_backend_names
 from gateway.logs import WITH_PID, log_off_the_hot_path
-from router.loader import DEFAULT_POLICY, load_policy
+from gateway.reload import PartFactory, PolicySource
+from router.loader import DEFAULT_POLICY
 from router.table import RoutingTable, compile_policy
 
 ENGINE_SOCKET_ENV = "TIERGATE_ENGINE_SOCKET"  # set by `tiergate serve` for its workers; unset: no engine
@@ -32,26 +33,43 @@ RESPAWN_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # an engine that keeps dying is 
 log = logging.getLogger("tiergate")
 
 
+FIXED_IN_ENGINE = (
+    "with --workers N, local models live in one engine process, which loads them once: adding, changing or "
+    "removing one needs a restart of `tiergate serve` (every other change reloads)"
+)
+
+
+def worker_backend(table: RoutingTable, name: str, engine_socket: str | None) -> Backend:
+    """One of the table's backends; an in-process model as a client of the engine process (when there is one)."""
+    settings = table.backends[name]
+    if engine_socket and isinstance(settings, LlamaCppSettings) and name in engine_backend_names(table):
+        return EngineBackend(name, settings, engine_socket)
+    return settings.create(name)
+
+
 def worker_backends(table: RoutingTable, engine_socket: str | None) -> dict[str, Backend]:
-    """The table's backends, the engine's ones as clients of the engine process (when there is one)."""
-    in_engine = set(engine_backend_names(table)) if engine_socket else set()
-    built: dict[str, Backend] = {}
-    for name, settings in table.backends.items():
-        if name in table.disabled:
-            continue
-        if name in in_engine and isinstance(settings, LlamaCppSettings) and engine_socket:
-            built[name] = EngineBackend(name, settings, engine_socket)
-        else:
-            built[name] = settings.create(name)
-    return built
+    return {name: worker_backend(table, name, engine_socket) for name in table.backends if name not in table.disabled}
 
 
 def worker_app() -> FastAPI:
     """The app of one worker process (uvicorn spawns each one fresh: logging is set up here too)."""
     log_off_the_hot_path(os.environ.get("TIERGATE_LOG_LEVEL", "INFO"), WITH_PID)  # a daemon thread; dies with us
-    table = compile_policy(load_policy(os.environ.get("TIERGATE_POLICY", DEFAULT_POLICY)))
-    backends = worker_backends(table, os.environ.get(ENGINE_SOCKET_ENV) or None)
-    return create_app(table, backends=backends, admin_key=os.environ.get("TIERGATE_ADMIN_KEY") or None)
+    policy = PolicySource.read(os.environ.get("TIERGATE_POLICY", DEFAULT_POLICY))
+    table = compile_policy(policy.loaded)
+    socket = os.environ.get(ENGINE_SOCKET_ENV) or None
+    parts = PartFactory(
+        backend=lambda new, name: worker_backend(new, name, socket),
+        fixed=frozenset(ENGINE_KINDS) if socket else frozenset(),
+        fixed_reason=FIXED_IN_ENGINE,
+    )
+    return create_app(
+        table,
+        backends=worker_backends(table, socket),
+        admin_key=os.environ.get("TIERGATE_ADMIN_KEY") or None,
+        policy=policy,
+        parts=parts,
+        watch=True,
+    )
 
 
 class EngineProcess:
