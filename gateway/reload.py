@@ -291,9 +291,6 @@ class Reloader:
             return PolicyVersion(record.counter, digest)
         store = self.runtimes.current.store
         try:
-            shared = await store.policy_record()
-            if shared is not None and shared.digest == digest and shared.counter > self.running.version.counter:
-                return PolicyVersion(shared.counter, digest)  # another worker or replica read the same file first
             published = await store.publish_policy(digest, self.running.base, text, source, trigger)
         except TiergateError as error:
             # Served here at once; the other replicas get it with the next reload that reaches the store.

@@ -371,5 +371,8 @@ def test_published_policies_count_up_and_every_replica_reads_the_last(new_store:
             "put",
         )
         assert abs(found.at - two.at) < 1e-3
+        again = await first.publish_policy("d2", "b2", "text: ünïcode\n" * 3, "other.yaml", "file")
+        assert again == found  # the same digest is published once: the record stays as it was
+        assert (await first.publish_policy("d1", "b1", "models: {}\n", "a.yaml", "file")).counter == 3
 
     run(new_store, scenario, replicas=2)

@@ -282,7 +282,8 @@ class Store(Protocol):
     # --- the running policy (reloads reach every replica) ---
 
     async def publish_policy(self, digest: str, base: str, text: str, source: str, trigger: str) -> PolicyRecord:
-        """Store this policy as the one to run, with the next counter, in one atomic step."""
+        """Store this policy as the one to run, with the next counter, in one atomic step; the record as stored
+        (the one there already, unchanged, when it holds the same digest)."""
         ...
 
     async def policy_counter(self) -> int:

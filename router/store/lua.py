@@ -181,8 +181,13 @@ return 1
 """
 )
 
-# KEYS counter, record; ARGV digest, base, text, source, trigger, at -> the new counter
+# KEYS counter, record; ARGV digest, base, text, source, trigger, at -> the record's counter (unchanged when the
+# record holds this digest already: replicas that read the same new file publish it once)
 PUBLISH_POLICY = """
+local held = redis.call('HMGET', KEYS[2], 'digest', 'counter')
+if held[1] == ARGV[1] then
+  return tonumber(held[2])
+end
 local counter = redis.call('INCR', KEYS[1])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'counter', counter, 'digest', ARGV[1], 'base', ARGV[2], 'text', ARGV[3],

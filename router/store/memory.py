@@ -244,6 +244,8 @@ class MemoryStore:
         return list(log)[-limit:] if limit > 0 else []
 
     async def publish_policy(self, digest: str, base: str, text: str, source: str, trigger: str) -> PolicyRecord:
+        if self._policy is not None and self._policy.digest == digest:
+            return self._policy  # published already (by another reload of the same text)
         counter = (self._policy.counter if self._policy is not None else 0) + 1
         self._policy = PolicyRecord(counter, digest, base, text, source, trigger, time.time())
         return self._policy

@@ -381,8 +381,11 @@ class RedisStore:
         at = time.time()
         keys = [self.key("policy", "counter"), self.key("policy", "record")]
         arguments = [digest, base, text, source, trigger, repr(at)]
-        counter = await self._call(lambda: self._publish_policy(keys=keys, args=arguments))
-        return PolicyRecord(int(counter), digest, base, text, source, trigger, at)
+        counter = int(await self._call(lambda: self._publish_policy(keys=keys, args=arguments)))
+        found = await self.policy_record()
+        if found is not None and found.counter == counter:
+            return found
+        return PolicyRecord(counter, digest, base, text, source, trigger, at)
 
     async def policy_counter(self) -> int:
         found = await self._call(lambda: self.client.hget(self.key("policy", "record"), "counter"))
