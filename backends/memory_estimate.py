@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import mmap
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from backends.model_files import ModelFileError, check_gguf, resolve
 
@@ -63,26 +63,31 @@ class ArraySummary:
 
 
 class _Reader:
-    def __init__(self, handle: BinaryIO, path: Path, size: int) -> None:
-        self.handle = handle
+    """Reads a mapped file by offset: only the header's pages are ever faulted in, never the tensor data."""
+
+    def __init__(self, data: mmap.mmap, path: Path) -> None:
+        self.data = data
         self.path = path
-        self.size = size
+        self.pos = 0
+        self.end = min(len(data), MAX_HEADER_BYTES)
 
     def fail(self, what: str) -> GGUFHeaderError:
-        return GGUFHeaderError(f"{self.path}: {what} (at byte {self.handle.tell()} of {self.size})")
-
-    def take(self, count: int) -> bytes:
-        if self.handle.tell() + count > min(self.size, MAX_HEADER_BYTES):
-            raise self.fail(f"header truncated or larger than {MAX_HEADER_BYTES // MB} MB: needs {count} more bytes")
-        return self.handle.read(count)
+        return GGUFHeaderError(f"{self.path}: {what} (at byte {self.pos} of {len(self.data)})")
 
     def skip(self, count: int) -> None:
-        if self.handle.tell() + count > min(self.size, MAX_HEADER_BYTES):
-            raise self.fail(f"header truncated: a value of {count} bytes runs past the end")
-        self.handle.seek(count, os.SEEK_CUR)
+        if self.pos + count > self.end:
+            raise self.fail(f"header truncated or larger than {MAX_HEADER_BYTES // MB} MB: needs {count} more bytes")
+        self.pos += count
+
+    def take(self, count: int) -> bytes:
+        start = self.pos
+        self.skip(count)
+        return self.data[start : self.pos]
 
     def scalar(self, code: str) -> int | float | bool:
-        value: int | float | bool = struct.unpack("<" + code, self.take(struct.calcsize(code)))[0]
+        start = self.pos
+        self.skip(struct.calcsize(code))
+        value: int | float | bool = struct.unpack_from("<" + code, self.data, start)[0]
         return value
 
     def count(self, limit: int, what: str) -> int:
@@ -100,6 +105,22 @@ class _Reader:
             return self.take(length).decode("utf-8")
         except UnicodeDecodeError as error:
             raise self.fail("a string is not UTF-8") from error
+
+    def skip_strings(self, count: int) -> None:
+        """Step over `count` strings: a vocabulary has 50k-260k, so this loop is kept tight (no per-string call)."""
+        length_at = struct.Struct("<Q").unpack_from
+        pos, end, data = self.pos, self.end, self.data
+        for _ in range(count):
+            if pos + 8 > end:
+                break
+            pos += 8 + length_at(data, pos)[0]
+            if pos > end:
+                break
+        else:
+            self.pos = pos
+            return
+        self.pos = min(pos, end)
+        raise self.fail("header truncated: a string list runs past the end")
 
     def value(self, kind: int, depth: int = 0) -> Value | ArraySummary:
         if kind in _SCALARS:
@@ -120,8 +141,7 @@ class _Reader:
         if item_kind in _SCALARS:
             self.skip(length * struct.calcsize(_SCALARS[item_kind]))
         elif item_kind == _STRING:
-            for _ in range(length):
-                self.string(keep=False)
+            self.skip_strings(length)
         else:
             raise self.fail(f"array of value type {item_kind} is not read")
         return ArraySummary(length)
@@ -130,9 +150,8 @@ class _Reader:
 def read_metadata(path: Path) -> dict[str, Value | ArraySummary]:
     """The key-value metadata of a GGUF file (version 2 or 3), without reading tensor infos or data."""
     check_gguf(path)
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        reader = _Reader(handle, path, size)
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        reader = _Reader(data, path)
         reader.take(4)
         version = int(reader.scalar("I"))
         if version not in (2, 3):
