@@ -96,11 +96,8 @@ class _Reader:
             raise self.fail(f"{what} {value} is beyond any real model's (limit {limit})")
         return value
 
-    def string(self, limit: int = MAX_STRING_BYTES, keep: bool = True) -> str:
+    def string(self, limit: int = MAX_STRING_BYTES) -> str:
         length = self.count(limit, "string length")
-        if not keep:
-            self.skip(length)
-            return ""
         try:
             return self.take(length).decode("utf-8")
         except UnicodeDecodeError as error:
@@ -122,15 +119,13 @@ class _Reader:
         self.pos = min(pos, end)
         raise self.fail("header truncated: a string list runs past the end")
 
-    def value(self, kind: int, depth: int = 0) -> Value | ArraySummary:
+    def value(self, kind: int) -> Value | ArraySummary:
         if kind in _SCALARS:
             return self.scalar(_SCALARS[kind])
         if kind == _STRING:
             return self.string()
         if kind != _ARRAY:
             raise self.fail(f"unknown value type {kind}")
-        if depth > 0:
-            raise self.fail("nested arrays are not read")
         item_kind = int(self.scalar("I"))
         length = self.count(MAX_ARRAY_ITEMS, "array length")
         # Small numeric arrays are kept: some architectures give head counts per layer as an array.
@@ -143,7 +138,7 @@ class _Reader:
         elif item_kind == _STRING:
             self.skip_strings(length)
         else:
-            raise self.fail(f"array of value type {item_kind} is not read")
+            raise self.fail(f"array of value type {item_kind} is not read")  # nested arrays: no model uses them
         return ArraySummary(length)
 
 
@@ -294,7 +289,10 @@ def _cgroup_room(proc_cgroup: Path, cgroup_root: Path) -> int | None:
         return None
     room: int | None = None
     for line in lines:
-        _, controllers, relative = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, relative = fields
         if controllers == "":
             base, limit_file, usage_file = cgroup_root, "memory.max", "memory.current"
         elif "memory" in controllers.split(","):

@@ -185,6 +185,18 @@ def test_a_cgroup_limit_lower_than_the_machine_wins(tmp_path: Path) -> None:
     assert available_bytes(meminfo, proc, cgroups) == 256 * 1024**2
 
 
+def test_a_cgroup_v1_memory_limit_counts_too(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       8000000 kB\nMemAvailable:   6000000 kB\n")
+    group = tmp_path / "cgroup" / "memory" / "jobs" / "one"
+    group.mkdir(parents=True)
+    (group / "memory.limit_in_bytes").write_text(f"{3 * 1024**3}\n")
+    (group / "memory.usage_in_bytes").write_text(f"{1024**3}\n")
+    proc = tmp_path / "proc-cgroup"
+    proc.write_text("9:name=systemd:/\n4:memory:/jobs/one\n1:cpu:/\n")
+    assert available_bytes(meminfo, proc, tmp_path / "cgroup") == 2 * 1024**3
+
+
 def sized(name: str, weights: int, kv: int, logits: int, overhead: int, n_ctx: int = 8192) -> MemoryEstimate:
     real = estimate(policy_backend("gemma"))
     return dataclasses.replace(
