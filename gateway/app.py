@@ -105,7 +105,7 @@ def create_app(
             triggers.tasks.add(adoption)
         if watch and threading.current_thread() is threading.main_thread():
             triggers.on_sighup()
-        if watch and table.server.watch_policy:
+        if watch:  # events are ignored while the running policy says watch_policy: false
             triggers.watch_file()
         if table.state is not None:  # replicas share the store: follow what the others publish
             triggers.follow_store(table.state.policy_sync_s)

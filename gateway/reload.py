@@ -21,6 +21,9 @@ from typing import Literal
 
 from backends.base import Backend, Embedder
 from backends.errors import TiergateError
+from backends.llamacpp import LlamaCppSettings
+from backends.memory_estimate import available_bytes, check_fits, estimate
+from backends.model_files import ModelFileError
 from gateway.health import Health
 from router.loader import LoadedPolicy, PolicyError, parse_policy
 from router.policy_version import PolicyVersion, diff_summary, digest_of
@@ -32,6 +35,7 @@ log = logging.getLogger("tiergate.reload")
 Trigger = Literal["start", "sighup", "file", "api", "put", "store"]
 Result = Literal["ok", "unchanged", "invalid", "failed"]
 HISTORY = 50  # reloads remembered for GET /admin/policy
+SWAP_HEADROOM = 0.1  # of the memory available, kept free when new models load beside the running ones
 DRAIN_GRACE_S = 5.0  # past the longest request deadline, a retired part is closed even with requests on it
 
 
@@ -103,7 +107,23 @@ class PartFactory:
     fixed_reason: str = ""
 
 
-Preflight = Callable[[RoutingTable, RoutingTable, list[str]], str | None]
+Preflight = Callable[[RoutingTable, list[str]], str | None]  # run in a thread: it may read model files
+
+
+def memory_fits(table: RoutingTable, built: list[str]) -> str | None:
+    """Refuse a reload whose new local models would not fit beside the running ones (which stay loaded until
+    the swap): the estimate of each new or changed llamacpp backend against what the machine has left."""
+    needed = []
+    for name in built:
+        settings = table.backends.get(name)
+        if isinstance(settings, LlamaCppSettings):
+            try:
+                needed.append(estimate(settings, name))
+            except ModelFileError:
+                continue  # missing or unreadable: loading it fails with the file's own error
+    if not needed:
+        return None
+    return check_fits(needed, available_bytes(), SWAP_HEADROOM)
 Listener = Callable[[Reload], None]
 
 
@@ -114,7 +134,7 @@ class Reloader:
     running: Running
     policy_file: Path | None  # what SIGHUP, the watcher and POST /admin/policy/reload read
     parts: PartFactory = field(default_factory=PartFactory)
-    preflight: Preflight | None = None  # e.g. refuses a swap that would not fit in memory
+    preflight: Preflight | None = memory_fits  # refuses a swap that would not fit in memory
     history: deque[Reload] = field(default_factory=lambda: deque(maxlen=HISTORY))
     listeners: list[Listener] = field(default_factory=list)  # metrics count every result
     skipped_counter: int = 0  # a published policy that failed here is not retried at every poll
@@ -240,7 +260,7 @@ class Reloader:
         )
         built = [name for name, part in new.parts().items() if any(part is fresh for fresh in started)]
         if self.preflight is not None:
-            refusal = self.preflight(old.table, table, built)
+            refusal = await asyncio.to_thread(self.preflight, table, built)
             if refusal is not None:
                 await _close_all(started)
                 return "failed", summary, refusal

