@@ -336,6 +336,7 @@ class Reloader:
             for part in parts:
                 self._retired.remove(part)
                 await part.aclose()
+                log.info("reload: closed %s (retired; %d requests still on it)", part.name, previous.in_flight)
 
         task = asyncio.create_task(close_when_drained())
         self._retiring.add(task)

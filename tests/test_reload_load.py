@@ -187,3 +187,4 @@ def test_ten_reloads_and_two_model_swaps_under_load_drop_nothing(tmp_path: Path,
     served = {outcome.version for outcome in outcomes}
     assert len(served) >= 8  # the load saw most versions, not only the first and last
     assert log.count("reload: loaded local") == 2  # the two swaps loaded a model; nothing else reloaded one
+    assert log.count("reload: closed local (retired; 0 requests still on it)") == 2  # each old model freed, drained
