@@ -19,7 +19,7 @@ from backends import engine_wire as wire
 from backends import llamacpp_translate as translate
 from backends.base import Capabilities, GenerationRequest, Payload
 from backends.constraint import constraint_from_request
-from backends.errors import BackendUnavailable, InternalError
+from backends.errors import BackendUnavailable, InternalError, TiergateError
 from backends.llamacpp import LlamaCppSettings
 from backends.protocol import ChatRequest
 
@@ -33,6 +33,7 @@ class EngineBackend:
     def __init__(self, name: str, settings: LlamaCppSettings, socket_path: str, load_timeout_s: float = 900.0) -> None:
         self.name = name
         self.settings = settings
+        self.digest = wire.settings_digest(settings)  # what the engine must have loaded to serve us
         self.socket_path = socket_path
         self.load_timeout_s = load_timeout_s
         self.capabilities = Capabilities(
@@ -53,15 +54,15 @@ class EngineBackend:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=READ_BUFFER)
         deadline = asyncio.get_running_loop().time() + self.load_timeout_s
+        asked = False
         while True:
             entry = await self._poll()
+            if entry is not None and not asked and (entry.get("settings") != self.digest or entry.get("error")):
+                await self._load_in_engine()  # a reload changed or added it, or it failed to load before
+                asked = True
+                continue
             if entry is not None and entry.get("error"):
                 raise BackendUnavailable(str(entry["error"]))
-            if entry is not None and entry.get("settings") not in (None, wire.settings_digest(self.settings)):
-                raise BackendUnavailable(
-                    f"backend '{self.name}': the engine process loaded it with other settings than this policy's "
-                    "(local models change only when `tiergate serve` restarts)"
-                )
             if self._ready:
                 break
             if asyncio.get_running_loop().time() > deadline:
@@ -69,10 +70,32 @@ class EngineBackend:
             await asyncio.sleep(0.2)
         self._watch = asyncio.create_task(self._keep_watching())
 
+    async def _load_in_engine(self) -> None:
+        """Have the engine load this backend with our settings beside what it serves under this name (one load
+        for every worker that asks), and swap it in once its self-test passed."""
+        assert self._session is not None
+        url = f"http://engine/backends/{self.name}"
+        timeout = aiohttp.ClientTimeout(total=self.load_timeout_s)
+        try:
+            async with self._session.put(url, data=self.settings.model_dump_json(), timeout=timeout) as response:
+                item = orjson.loads(await response.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as error:
+            raise BackendUnavailable(f"backend '{self.name}': the engine process did not load it: {error}") from error
+        if "error" in item:
+            raise wire.decode_error(item["error"])
+
     async def _keep_watching(self) -> None:
+        known_pid = self._engine_pid
         while True:
             await asyncio.sleep(STATUS_EVERY_S)
-            await self._poll()
+            entry = await self._poll()
+            # A restarted engine loads the policy file; a reload since may have given this backend other settings.
+            # Only after a restart: a retired client asking for its old settings would undo a swap.
+            if entry is not None and self._engine_pid != known_pid and entry.get("settings") != self.digest:
+                with contextlib.suppress(TiergateError):
+                    await self._load_in_engine()
+            if entry is not None:
+                known_pid = self._engine_pid
 
     async def _poll(self) -> dict[str, Any] | None:
         """This backend's entry in the engine's /status (None: unreachable); updates ready() and status()."""

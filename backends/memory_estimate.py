@@ -342,3 +342,15 @@ def check_fits(needed: Sequence[MemoryEstimate], available: int, headroom_fracti
     kept = f" and {round(headroom_fraction * 100)}% of it is kept as headroom" if headroom_fraction else ""
     needs = f"loading {names} next to the running models needs about {_mb(total)} ({detail})"
     return f"{needs}; {_mb(available)} is available{kept}"
+
+
+def refusal(backends: Sequence[tuple[str, LlamaCppSettings]]) -> str | None:
+    """Why loading these backends beside the running models would not fit (None: it fits). A model file that
+    cannot be read is left out: loading it fails with the file's own error."""
+    needed: list[MemoryEstimate] = []
+    for name, settings in backends:
+        try:
+            needed.append(estimate(settings, name))
+        except ModelFileError:
+            continue
+    return check_fits(needed, available_bytes()) if needed else None

@@ -18,17 +18,20 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from backends import engine_wire as wire
-from backends.base import Backend, Payload
-from backends.errors import InternalError, NotFound, TiergateError
+from backends.base import Backend, GenerationRequest
+from backends.errors import BackendUnavailable, BadRequest, InternalError, NotFound, TiergateError
+from backends.llamacpp import LlamaCppSettings
+from backends.memory_estimate import refusal
 from gateway.http import ClientGone, json_response, unless_disconnected
 from gateway.logs import WITH_PID, log_off_the_hot_path
 from router.loader import load_policy
@@ -37,6 +40,8 @@ from router.table import RoutingTable, compile_policy
 log = logging.getLogger("tiergate.engine")
 ENGINE_KINDS = ("llamacpp",)  # backend types loaded in the engine process (in-process weights)
 PR_SET_PDEATHSIG = 1
+NDJSON = "application/x-ndjson"
+RETIRED_DRAIN_S = 310.0  # a swapped-out model waits this long at most for its requests (300 s deadline + slack)
 
 
 def engine_backend_names(table: RoutingTable) -> list[str]:
@@ -56,6 +61,70 @@ class Engine:
         self.settings = dict(settings or {})  # name -> wire.settings_digest of what it was loaded with
         self.failures: dict[str, str] = {}
         self.loading_done = False
+        self.in_flight: dict[int, int] = {}  # id(backend) -> requests on it: a swapped-out model closes at 0
+        self._swaps: dict[tuple[str, str], asyncio.Task[None]] = {}  # (name, digest) -> its load, shared by workers
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @contextlib.contextmanager
+    def using(self, backend: Backend) -> Iterator[None]:
+        key = id(backend)
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self.in_flight[key] -= 1
+            if not self.in_flight[key]:
+                del self.in_flight[key]
+
+    async def swap(self, name: str, settings: LlamaCppSettings) -> None:
+        """Load `name` with `settings` beside what serves under that name, then put it in its place.
+
+        Called by each worker whose reload built this backend anew (its EngineBackend.start); the workers share
+        one load per settings digest. Requests still on the old model finish on it; it is closed after them.
+        """
+        digest = wire.settings_digest(settings)
+        if self.settings.get(name) == digest and name in self.backends and name not in self.failures:
+            return
+        key = (name, digest)
+        if key not in self._swaps:
+            self._swaps[key] = asyncio.create_task(self._load_beside(name, settings, digest))
+            self._swaps[key].add_done_callback(lambda _: self._swaps.pop(key, None))
+        await asyncio.shield(self._swaps[key])
+
+    async def _load_beside(self, name: str, settings: LlamaCppSettings, digest: str) -> None:
+        refused = await asyncio.to_thread(refusal, [(name, settings)])
+        if refused is not None:
+            raise BackendUnavailable(refused)
+        began = time.perf_counter()
+        fresh = settings.create(name)
+        try:
+            await fresh.start()
+        except BaseException:
+            await fresh.aclose()
+            raise
+        old = self.backends.get(name)
+        self.backends[name], self.settings[name] = fresh, digest
+        self.failures.pop(name, None)
+        log.info("engine swapped %s in %.1f s (pid %d)", name, time.perf_counter() - began, os.getpid())
+        if old is not None:
+            task = asyncio.create_task(self._close_when_idle(name, old))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _close_when_idle(self, name: str, old: Backend) -> None:
+        deadline = time.monotonic() + RETIRED_DRAIN_S
+        while self.in_flight.get(id(old)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await old.aclose()
+        log.info("engine closed the previous %s (pid %d)", name, os.getpid())
+
+    async def aclose(self) -> None:
+        for task in [*self._swaps.values(), *self._closing]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for backend in self.backends.values():
+            await backend.aclose()
 
     async def load(self) -> None:
         try:
@@ -104,8 +173,7 @@ def engine_app(engine: Engine) -> Starlette:
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
-            for backend in engine.backends.values():
-                await backend.aclose()
+            await engine.aclose()
 
     async def status(request: Request) -> Response:
         return json_response(engine.status())
@@ -115,7 +183,8 @@ def engine_app(engine: Engine) -> Starlette:
             backend = engine.backend(request.path_params["name"])
             parsed = wire.decode_request(await request.body())
             backend.check(parsed)
-            answer = await unless_disconnected(request.receive, backend.generate(parsed))
+            with engine.using(backend):
+                answer = await unless_disconnected(request.receive, backend.generate(parsed))
         except ClientGone:
             return Response(status_code=499)  # the worker went away (its client did): nobody reads this
         except TiergateError as error:
@@ -132,25 +201,42 @@ def engine_app(engine: Engine) -> Starlette:
         except TiergateError as error:
             return Response(wire.line("error", wire.encode_error(error)), media_type="application/x-ndjson")
         # Starlette cancels this generator when the worker hangs up, which stops the decode loop.
-        return StreamingResponse(_lines(backend.stream(parsed)), media_type="application/x-ndjson")
+        return StreamingResponse(_lines(engine, backend, parsed), media_type="application/x-ndjson")
+
+    async def swap(request: Request) -> Response:
+        """A worker's reload built this backend with these settings: load them here (once for all workers)."""
+        try:
+            settings = LlamaCppSettings.model_validate_json(await request.body())
+            await engine.swap(request.path_params["name"], settings)
+        except ValidationError as error:
+            return Response(wire.line("error", wire.encode_error(BadRequest(str(error)))), media_type=NDJSON)
+        except TiergateError as error:
+            return Response(wire.line("error", wire.encode_error(error)), media_type=NDJSON)
+        except Exception as error:  # the model's own load failure, whatever it is
+            failed = BackendUnavailable(f"backend '{request.path_params['name']}': {type(error).__name__}: {error}")
+            return Response(wire.line("error", wire.encode_error(failed)), media_type=NDJSON)
+        return Response(wire.line("answer", {"swapped": request.path_params["name"]}), media_type=NDJSON)
 
     routes = [
         Route("/status", status, methods=["GET"]),
+        Route("/backends/{name}", swap, methods=["PUT"]),
         Route("/generate/{name}", generate, methods=["POST"]),
         Route("/stream/{name}", stream, methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-async def _lines(chunks: AsyncIterator[Payload]) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in chunks:
-            yield wire.line("chunk", chunk)
-    except TiergateError as error:
-        yield wire.line("error", wire.encode_error(error))
-    except Exception as error:
-        log.exception("engine stream failed")
-        yield wire.line("error", wire.encode_error(InternalError(f"engine stream failed: {type(error).__name__}")))
+async def _lines(engine: Engine, backend: Backend, request: GenerationRequest) -> AsyncIterator[bytes]:
+    with engine.using(backend):
+        try:
+            async for chunk in backend.stream(request):
+                yield wire.line("chunk", chunk)
+        except TiergateError as error:
+            yield wire.line("error", wire.encode_error(error))
+        except Exception as error:
+            log.exception("engine stream failed")
+            failed = InternalError(f"engine stream failed: {type(error).__name__}")
+            yield wire.line("error", wire.encode_error(failed))
 
 
 def bind_private(path: Path) -> socket.socket:

@@ -22,8 +22,7 @@ from typing import Literal
 from backends.base import Backend, Embedder
 from backends.errors import TiergateError
 from backends.llamacpp import LlamaCppSettings
-from backends.memory_estimate import available_bytes, check_fits, estimate
-from backends.model_files import ModelFileError
+from backends.memory_estimate import refusal
 from gateway.health import Health
 from router.loader import LoadedPolicy, PolicyError, parse_policy
 from router.policy_version import PolicyVersion, diff_summary, digest_of
@@ -35,7 +34,6 @@ log = logging.getLogger("tiergate.reload")
 Trigger = Literal["start", "sighup", "file", "api", "put", "store"]
 Result = Literal["ok", "unchanged", "invalid", "failed"]
 HISTORY = 50  # reloads remembered for GET /admin/policy
-SWAP_HEADROOM = 0.1  # of the memory available, kept free when new models load beside the running ones
 DRAIN_GRACE_S = 5.0  # past the longest request deadline, a retired part is closed even with requests on it
 
 
@@ -98,13 +96,10 @@ class Running:
 
 @dataclass(frozen=True)
 class PartFactory:
-    """How a reload builds parts; `fixed` names backend types that only a restart may add, change or remove
-    (with `tiergate serve --workers N`, local models live in the engine process, which does not swap them)."""
+    """How a reload builds parts (with `tiergate serve --workers N`, local models as clients of the engine)."""
 
     backend: Callable[[RoutingTable, str], Backend] = lambda table, name: table.backends[name].create(name)
     embedder: Callable[[RoutingTable, str], Embedder] = lambda table, name: table.embedders[name].create(name)
-    fixed: frozenset[str] = frozenset()
-    fixed_reason: str = ""
 
 
 Preflight = Callable[[RoutingTable, list[str]], str | None]  # run in a thread: it may read model files
@@ -113,17 +108,8 @@ Preflight = Callable[[RoutingTable, list[str]], str | None]  # run in a thread: 
 def memory_fits(table: RoutingTable, built: list[str]) -> str | None:
     """Refuse a reload whose new local models would not fit beside the running ones (which stay loaded until
     the swap): the estimate of each new or changed llamacpp backend against what the machine has left."""
-    needed = []
-    for name in built:
-        settings = table.backends.get(name)
-        if isinstance(settings, LlamaCppSettings):
-            try:
-                needed.append(estimate(settings, name))
-            except ModelFileError:
-                continue  # missing or unreadable: loading it fails with the file's own error
-    if not needed:
-        return None
-    return check_fits(needed, available_bytes(), SWAP_HEADROOM)
+    local = [(name, settings) for name in built if isinstance(settings := table.backends.get(name), LlamaCppSettings)]
+    return refusal(local)
 Listener = Callable[[Reload], None]
 
 
@@ -249,9 +235,6 @@ class Reloader:
         if restart:
             return "invalid", summary, "; ".join(restart)
         rebuild = frozenset(self.health.failures)
-        fixed = self._fixed_changes(old.table, table)
-        if fixed:
-            return "invalid", summary, f"{', '.join(fixed)}: {self.parts.fixed_reason}"
         new, retired, started = old.successor(
             table,
             lambda name: self.parts.backend(table, name),
@@ -275,20 +258,6 @@ class Reloader:
         self.running = Running(text, loaded, version, self.running.base)
         self._retire(self.runtimes.swap(new), retired)
         return "ok", summary, ""
-
-    def _fixed_changes(self, old: RoutingTable, new: RoutingTable) -> list[str]:
-        if not self.parts.fixed:
-            return []
-
-        def fixed(table: RoutingTable) -> dict[str, object]:
-            return {
-                name: settings
-                for name, settings in table.backends.items()
-                if settings.type in self.parts.fixed and name not in table.disabled
-            }
-
-        before, after = fixed(old), fixed(new)
-        return sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
 
     async def _start(self, runtime: Runtime, names: list[str]) -> str | None:
         """Load the new parts one at a time (they compete for the cores with the serving ones); the first failure

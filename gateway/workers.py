@@ -22,7 +22,7 @@ from backends.base import Backend
 from backends.engine_client import EngineBackend
 from backends.llamacpp import LlamaCppSettings
 from gateway.app import create_app
-from gateway.engine_process import ENGINE_KINDS, engine_backend_names
+from gateway.engine_process import engine_backend_names
 from gateway.logs import WITH_PID, log_off_the_hot_path
 from gateway.reload import PartFactory, PolicySource
 from router.loader import DEFAULT_POLICY
@@ -31,12 +31,6 @@ from router.table import RoutingTable, compile_policy
 ENGINE_SOCKET_ENV = "TIERGATE_ENGINE_SOCKET"  # set by `tiergate serve` for its workers; unset: no engine
 RESPAWN_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # an engine that keeps dying is restarted less and less often
 log = logging.getLogger("tiergate")
-
-
-FIXED_IN_ENGINE = (
-    "with --workers N, local models live in one engine process, which loads them once: adding, changing or "
-    "removing one needs a restart of `tiergate serve` (every other change reloads)"
-)
 
 
 def worker_backend(table: RoutingTable, name: str, engine_socket: str | None) -> Backend:
@@ -57,11 +51,8 @@ def worker_app() -> FastAPI:
     policy = PolicySource.read(os.environ.get("TIERGATE_POLICY", DEFAULT_POLICY))
     table = compile_policy(policy.loaded)
     socket = os.environ.get(ENGINE_SOCKET_ENV) or None
-    parts = PartFactory(
-        backend=lambda new, name: worker_backend(new, name, socket),
-        fixed=frozenset(ENGINE_KINDS) if socket else frozenset(),
-        fixed_reason=FIXED_IN_ENGINE,
-    )
+    # a reload's new or changed local model is loaded by the engine, once for every worker (EngineBackend.start)
+    parts = PartFactory(backend=lambda new, name: worker_backend(new, name, socket))
     return create_app(
         table,
         backends=worker_backends(table, socket),
