@@ -128,6 +128,7 @@ class Reloader:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _retiring: set[asyncio.Task[None]] = field(default_factory=set)
     _retired: list[Part] = field(default_factory=list)  # waiting for the requests on their runtime to end
+    _draining: list[Runtime] = field(default_factory=list)  # replaced runtimes with requests still on them
 
     # --- start and triggers ---
 
@@ -156,7 +157,6 @@ class Reloader:
 
     def _source(self) -> str:
         return self.running.loaded.source if self.running.loaded is not None else "<policy>"
-
 
     async def reload_file(self, trigger: Trigger) -> Reload:
         """Read the policy file again and apply it (SIGHUP, the watcher, POST /admin/policy/reload)."""
@@ -215,8 +215,7 @@ class Reloader:
         self, text: str, source: str, trigger: Trigger, base: str | None, record: PolicyRecord | None
     ) -> tuple[Result, str, str]:
         try:
-            loaded = await asyncio.to_thread(parse_policy, text, source)
-            table = compile_policy(loaded)
+            loaded, table = await asyncio.to_thread(_compiled, text, source)
         except PolicyError as error:
             return "invalid", "", "\n".join(error.problems)
         old = self.runtimes.current
@@ -294,18 +293,25 @@ class Reloader:
     # --- retiring ---
 
     def _retire(self, previous: Runtime, parts: list[Part]) -> None:
+        """Close `parts` once no request is on a runtime that holds them: the one just replaced, or an older one
+        whose requests still run (a part kept by one reload and retired by the next is on both)."""
+        self._draining = [runtime for runtime in (*self._draining, previous) if runtime.in_flight > 0]
         if not parts:
             return
         self._retired += parts
         deadline = time.monotonic() + previous.table.server.request_timeout_s + DRAIN_GRACE_S
 
+        def requests_on(part: Part) -> int:
+            holding = (runtime for runtime in self._draining if any(held is part for held in runtime.parts().values()))
+            return sum(runtime.in_flight for runtime in holding)
+
         async def close_when_drained() -> None:
-            while previous.in_flight > 0 and time.monotonic() < deadline:
+            while any(requests_on(part) for part in parts) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             for part in parts:
                 self._retired.remove(part)
                 await part.aclose()
-                log.info("reload: closed %s (retired; %d requests still on it)", part.name, previous.in_flight)
+                log.info("reload: closed %s (retired; %d requests still on it)", part.name, requests_on(part))
 
         task = asyncio.create_task(close_when_drained())
         self._retiring.add(task)
@@ -347,6 +353,11 @@ def needs_restart(old: RoutingTable, new: RoutingTable) -> list[str]:
     if old.state != new.state:
         found.append("state: changing the store needs a restart (keys, limits and budgets live in it)")
     return found
+
+
+def _compiled(text: str, source: str) -> tuple[LoadedPolicy, RoutingTable]:
+    loaded = parse_policy(text, source)
+    return loaded, compile_policy(loaded)
 
 
 async def _close_all(parts: list[Part]) -> None:
