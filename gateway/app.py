@@ -23,8 +23,10 @@ from starlette.routing import Route
 from backends.base import Backend, Embedder
 from backends.errors import BadRequest, NotFound, TiergateError
 from gateway.admin import admin_routes
+from gateway.admin_requests import request_routes
 from gateway.health import Health
 from gateway.http import HeaderLimit, error_response, json_response
+from gateway.metrics import metrics_routes
 from gateway.openai_routes import Gateway, gateway_of, routes
 from router.loader import DEFAULT_POLICY, load_policy
 from router.runtime import Runtime, RuntimeRef
@@ -113,6 +115,7 @@ def create_app(
         [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *routes()]
     )
     app.router.routes.extend(admin_routes())
+    app.router.routes.extend([*request_routes(), *metrics_routes()])
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from backends.registry import BackendSettings, EmbedderSettings
 from router.cache_settings import CacheSettings
@@ -48,6 +48,17 @@ class ServerSettings(Section):
         description="Worker processes serving the one port (`tiergate serve --workers N` overrides it). More than 1 "
         "needs `state:` (Redis), so that keys, limits and budgets hold across them; local models are then loaded "
         "once, in one engine process the workers share.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token GET /metrics needs (use a ${ENV} reference; shown redacted). Unset: /metrics "
+        "is open to anyone who can reach the port.",
+    )
+    traces: int = Field(
+        1000,
+        ge=0,
+        le=100_000,
+        description="Request traces kept for GET /admin/requests (the newest this many, in the store); 0: none.",
     )
     readyz_details: bool = Field(
         False,
