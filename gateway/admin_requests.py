@@ -13,6 +13,7 @@ from gateway.openai_routes import gateway_of
 from router.store.base import Store
 
 DEFAULT_LIMIT = 100
+MAX_LIMIT = 100_000  # as many as server.traces may keep
 FILTERS = ("model", "team", "status")
 
 
@@ -41,8 +42,8 @@ async def list_requests(request: Request, store: Store) -> Response:
         known = "limit, model, status, team"
         raise BadRequest(f"Unknown query parameter '{unknown[0]}' (known: {known})", param=unknown[0])
     limit_text = params.get("limit", str(DEFAULT_LIMIT))
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= max(cap, 1):
-        raise BadRequest(f"Invalid value for 'limit': 1 to {max(cap, 1)}", param="limit", code="invalid_value")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
+        raise BadRequest(f"Invalid value for 'limit': 1 to {MAX_LIMIT}", param="limit", code="invalid_value")
     model, team, status = params.get("model"), params.get("team"), _status_filter(params.get("status"))
     found = []
     for shown in await gateway.traces.read(store, cap):
