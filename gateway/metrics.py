@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -70,6 +71,7 @@ class Metrics:
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV)) if multiprocess is None else multiprocess
         self.registry = CollectorRegistry(auto_describe=True)
         self.codes = known_codes()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # bounded as the label values are
         r = self.registry
         gen_ai = (OP, REQUEST_MODEL, RESPONSE_MODEL)
         self.duration = Histogram(
@@ -190,12 +192,20 @@ class Metrics:
 
     def reloaded(self, trigger: str, result: str) -> None:
         """trigger: sighup, file, api, put or store; result: ok, invalid or failed."""
-        self.reloads.labels(trigger, result).inc()
+        self._of(self.reloads, trigger, result).inc()
 
     def policy_version(self, counter: int) -> None:
         self.version.set(counter)
 
     # --- one finished request ---
+
+    def _of(self, family: Any, *values: str) -> Any:
+        """The family's child for these label values, remembered: `labels()` checks and locks each time (~1 us)."""
+        key = (id(family), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*values)
+        return child
 
     def _code(self, code: str) -> str:
         return code if code in self.codes else OTHER
@@ -204,49 +214,49 @@ class Metrics:
         model, backend = record.model, record.backend
         op = record.operation
         error = self._code(record.error_code) if record.error_code else ""
-        self.requests.labels(record.endpoint, model, backend, str(record.status)).inc()
+        self._of(self.requests, record.endpoint, model, backend, str(record.status)).inc()
         if op == "models":
             return
-        self.duration.labels(op, model, backend, error).observe(record.duration_s)
+        self._of(self.duration, op, model, backend, error).observe(record.duration_s)
         if error:
-            self.errors.labels(model, error).inc()
+            self._of(self.errors, model, error).inc()
             if record.error_code in REFUSALS:
                 team = record.team if record.team in runtime.table.teams else (OTHER if record.team else "")
-                self.refusals.labels(model, team, record.error_code).inc()
+                self._of(self.refusals, model, team, record.error_code).inc()
         if record.overhead_s is not None:
-            self.overhead.labels(model, backend).observe(max(0.0, record.overhead_s))
+            self._of(self.overhead, model, backend).observe(max(0.0, record.overhead_s))
         if record.ttft_s is not None:
-            self.ttft.labels(op, model, backend).observe(record.ttft_s)
+            self._of(self.ttft, op, model, backend).observe(record.ttft_s)
             if record.stream_end == "done" and record.tokens_out > 1:
                 per_token = (record.duration_s - record.ttft_s) / (record.tokens_out - 1)
-                self.tpot.labels(op, model, backend).observe(max(0.0, per_token))
+                self._of(self.tpot, op, model, backend).observe(max(0.0, per_token))
         if record.tokens_in or record.tokens_out:
-            self.tokens.labels(op, model, backend, "input").observe(record.tokens_in)
+            self._of(self.tokens, op, model, backend, "input").observe(record.tokens_in)
             if op != "embeddings":
-                self.tokens.labels(op, model, backend, "output").observe(record.tokens_out)
+                self._of(self.tokens, op, model, backend, "output").observe(record.tokens_out)
         self._trail(record, runtime)
         if record.saved_usd > 0:
-            self.saved.labels(model).inc(record.saved_usd)
+            self._of(self.saved, model).inc(record.saved_usd)
         if record.cache:
-            self.cache.labels(model, record.cache).inc()
+            self._of(self.cache, model, record.cache).inc()
         if not record.validation_ok:
-            self.invalid.labels(model).inc()
+            self._of(self.invalid, model).inc()
 
     def _trail(self, record: RequestRecord, runtime: Runtime) -> None:
         model = record.model
         breakers = runtime.attempts.breakers
         for attempt in record.attempts:
-            self.attempts.labels(model, attempt.backend, self._code(attempt.outcome())).inc()
+            self._of(self.attempts, model, attempt.backend, self._code(attempt.outcome())).inc()
             if attempt.cost_usd > 0:
-                self.cost.labels(model, attempt.backend).inc(attempt.cost_usd)
+                self._of(self.cost, model, attempt.backend).inc(attempt.cost_usd)
             breaker = breakers.get(attempt.backend)
             if breaker is not None:  # its state may have moved: other workers' scrapes see it too
-                self.circuit.labels(attempt.backend).set(CIRCUIT.get(breaker.state, 0.0))
+                self._of(self.circuit, attempt.backend).set(CIRCUIT.get(breaker.state, 0.0))
         for tier, reason in record.escalations():
-            self.escalations.labels(model, tier, reason).inc()
+            self._of(self.escalations, model, tier, reason).inc()
         for attempt in record.spent_before():
-            self.escalated_tokens.labels(model, attempt.backend, "input").inc(attempt.prompt_tokens)
-            self.escalated_tokens.labels(model, attempt.backend, "output").inc(attempt.completion_tokens)
+            self._of(self.escalated_tokens, model, attempt.backend, "input").inc(attempt.prompt_tokens)
+            self._of(self.escalated_tokens, model, attempt.backend, "output").inc(attempt.completion_tokens)
 
     # --- the scrape ---
 
@@ -255,14 +265,14 @@ class Metrics:
         for name, backend in runtime.backends.items():
             status = backend.status()
             if isinstance(status.get("waiting"), int):
-                self.queue.labels(name).set(status["waiting"])
+                self._of(self.queue, name).set(status["waiting"])
             if isinstance(status.get("busy"), bool | int):
-                self.busy.labels(name).set(float(status["busy"]))
+                self._of(self.busy, name).set(float(status["busy"]))
         for name, per_token in runtime.throughput.seconds_per_token.items():
             if name in runtime.backends and per_token > 0:
-                self.speed.labels(name).set(1.0 / per_token)
+                self._of(self.speed, name).set(1.0 / per_token)
         for name, state in runtime.breaker_states().items():
-            self.circuit.labels(name).set(CIRCUIT.get(state, 0.0))
+            self._of(self.circuit, name).set(CIRCUIT.get(state, 0.0))
 
     def exposition(self) -> bytes:
         if not self.multiprocess:
