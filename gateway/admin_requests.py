@@ -9,7 +9,7 @@ from starlette.routing import Route
 from backends.errors import BadRequest, NotFound
 from gateway.admin import AdminHandler, admin_endpoint
 from gateway.http import json_response
-from gateway.openai_routes import gateway_of
+from gateway.openai_routes import gateway_of, traces_store
 from router.store.base import Store
 
 DEFAULT_LIMIT = 100
@@ -35,7 +35,8 @@ def _status_filter(query: str | None) -> str | None:
 async def list_requests(request: Request, store: Store) -> Response:
     """The newest traces first; `model`, `team`, `status` filter them, `limit` (default 100) bounds the answer."""
     gateway = gateway_of(request)
-    cap = gateway.table.server.traces
+    runtime = gateway.runtime
+    cap = runtime.table.server.traces
     params = request.query_params
     unknown = sorted(set(params) - {*FILTERS, "limit"})
     if unknown:
@@ -46,7 +47,7 @@ async def list_requests(request: Request, store: Store) -> Response:
         raise BadRequest(f"Invalid value for 'limit': 1 to {MAX_LIMIT}", param="limit", code="invalid_value")
     model, team, status = params.get("model"), params.get("team"), _status_filter(params.get("status"))
     found = []
-    for shown in await gateway.traces.read(store, cap):
+    for shown in await gateway.traces.read(traces_store(runtime), cap):
         if model is not None and shown.get("model") != model:
             continue
         if team is not None and shown.get("team") != team:
@@ -62,8 +63,9 @@ async def list_requests(request: Request, store: Store) -> Response:
 async def get_request(request: Request, store: Store) -> Response:
     """One trace by the answer's `id` (chatcmpl-...) or the gateway's request id."""
     gateway = gateway_of(request)
+    runtime = gateway.runtime
     wanted = request.path_params["request_id"]
-    found = await gateway.traces.read(store, gateway.table.server.traces, wanted)
+    found = await gateway.traces.read(traces_store(runtime), runtime.table.server.traces, wanted)
     if not found:
         raise NotFound(f"No request trace with id '{wanted}'", param="id", code="request_not_found")
     return json_response(found[0])

@@ -27,6 +27,7 @@ from router.costs import Costs, tokens_of
 from router.engine import Answer, Stream
 from router.request_record import RequestRecord
 from router.runtime import Runtime, RuntimeRef
+from router.store import Store
 from router.table import RoutingTable
 from router.traces import Traces
 from router.validators import prompt_text
@@ -50,7 +51,7 @@ class Gateway:
         """Hand a finished request's record to metrics and traces (the runtime it ran on names its limits)."""
         try:
             self.metrics.observe(record, runtime)
-            self.traces.add(record, runtime.store, runtime.table.server.traces)
+            self.traces.add(record, traces_store(runtime), runtime.table.server.traces)
         except Exception:  # a bug here must not turn an answer given into a 500
             log.exception("request %s not observed", record.request_id)
 
@@ -61,6 +62,11 @@ class Gateway:
     @property
     def table(self) -> RoutingTable:
         return self.runtimes.current.table
+
+
+def traces_store(runtime: Runtime) -> Store | None:
+    """Where traces are kept: the shared store when the policy has one (`state:`), else this process."""
+    return runtime.store if runtime.table.state is not None else None
 
 
 def gateway_of(request: Request) -> Gateway:

@@ -1,7 +1,8 @@
-"""Request traces: the newest `server.traces` request records, kept in the store's capped log (shared by replicas
-and workers with Redis), written off the response path.
+"""Request traces: the newest `server.traces` request records, kept in the store's capped log when the policy has
+a shared store (`state:`, Redis: shared by replicas and workers), else in a ring in this process.
 
-A finished request is queued here (no await, no encoding on the request path); one task writes what is queued,
+Without a shared store a record is appended as it is (encoded only when read). With one, a finished request is
+queued here (no await, no encoding on the request path); one task writes what is queued,
 oldest first, and ends when nothing is left. A store outage never fails a request: the queue keeps at most the
 newest `cap` records until a later write succeeds, and a warning is written once per interval.
 """
@@ -26,14 +27,20 @@ LOG_NAME = "requests"
 
 class Traces:
     def __init__(self, quiet: LogThrottle | None = None) -> None:
+        self.local: deque[RequestRecord] = deque(maxlen=1)
         self.pending: deque[RequestRecord] = deque()
         self.quiet = quiet or LogThrottle()
         self._writer: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()
 
-    def add(self, record: RequestRecord, store: Store, cap: int) -> None:
-        """Queue `record` for the store's log of `cap` records (0: traces are off)."""
+    def add(self, record: RequestRecord, store: Store | None, cap: int) -> None:
+        """Keep `record` among the newest `cap` (0: traces are off), in `store` when there is a shared one."""
         if cap <= 0:
+            return
+        if store is None:
+            if self.local.maxlen != cap:  # a reload changed server.traces
+                self.local = deque(self.local, maxlen=cap)
+            self.local.append(record)
             return
         self.pending.append(record)
         while len(self.pending) > cap:  # only the newest `cap` could be kept anyway
@@ -66,11 +73,15 @@ class Traces:
         if self._writer is not None and not self._writer.done():
             await self._writer
 
-    async def read(self, store: Store, cap: int, id_: str | None = None) -> list[dict[str, Any]]:
+    async def read(self, store: Store | None, cap: int, id_: str | None = None) -> list[dict[str, Any]]:
         """The kept records, newest first (this process's queued ones written first); with `id_`, only the
         records whose `id` or `request_id` it is."""
         if cap <= 0:
             return []
+        if store is None:
+            kept = list(self.local)[-cap:]
+            wanted = [record for record in reversed(kept) if id_ is None or id_ in (record.id, record.request_id)]
+            return [record.to_json() for record in wanted]
         await self.flush(store, cap)
         items = await store.log_read(LOG_NAME, cap)
         needle = None if id_ is None else orjson.dumps(id_)
