@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -22,7 +24,11 @@ from backends.errors import BackendUnavailable, UpstreamError
 from gateway.app import create_app
 from gateway.openai_routes import Gateway
 from router.store import KeyRecord, MemoryStore, hash_api_key
+from tests.conftest import stop_server
 from tests.fakes import PLACEHOLDER, FakeBackend, Reply, table_from
+from tests.redis_server import RedisServer
+from tests.test_workers import ACCESS_PID, descendants, left_behind, pids_of, serve_workers
+from tests.upstream import UpstreamServer
 
 ADMIN = "admin-secret"
 POLICY = f"""
@@ -298,3 +304,36 @@ def test_each_app_has_its_own_registry() -> None:
         labels: dict[str, Any] = {"endpoint": endpoint, "model": "cached", "backend": "big", "status": "200"}
         assert value(first.scrape(), "tiergate_requests_total", **labels) == 1
         assert value(second.scrape(), "tiergate_requests_total", **labels) == 0
+
+
+# --- two worker processes: one scrape, answered by either, counts what both served ---
+
+
+def test_two_workers_count_every_request_in_every_scrape(tmp_path: Path, upstream: UpstreamServer) -> None:
+    with RedisServer(tmp_path) as redis:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(
+            f"version: 1\nstate: {{redis_url: '{redis.url}'}}\nbackends:\n"
+            f"  up: {{type: openai, base_url: '{upstream.base_url}', model: m}}\nmodels:\n  up: {{backend: up}}\n"
+        )
+        server = serve_workers(policy, tmp_path / "gateway.log", workers=2, ready_within=60)
+        try:
+            workers = descendants(server.process.pid)
+            body = {"model": "up", "messages": ASK}
+            for _ in range(40):  # a new connection each time: the kernel hands them to either worker
+                answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"connection": "close"})
+                assert answer.status_code == 200
+            deadline = time.monotonic() + 5
+            while len(pids_of(ACCESS_PID, server)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(pids_of(ACCESS_PID, server)) == 2  # both workers answered some
+            labels = {"endpoint": "/v1/chat/completions", "model": "up", "backend": "up", "status": "200"}
+            gen_ai = {"gen_ai_operation_name": "chat", "gen_ai_request_model": "up", "gen_ai_response_model": "up"}
+            for _ in range(6):  # each scrape may land on either worker: every one sees all 40
+                scraped = httpx.get(f"{server.url}/metrics", headers={"connection": "close"})
+                found = samples(scraped.text)
+                assert value(found, "tiergate_requests_total", **labels) == 40
+                assert value(found, "gen_ai_client_token_usage_count", **gen_ai, gen_ai_token_type="input") == 40
+        finally:
+            stop_server(server)
+        assert left_behind(workers) == []
