@@ -137,6 +137,13 @@ class Metrics:
         self.saved = Counter(
             "tiergate_saved_usd", "Money saved against answering with the top tier directly.", ["model"], registry=r
         )
+        self.overspent = Counter(
+            "tiergate_overspent_usd",
+            "Money spent beyond the top tier's price (escalations that cost more than it): net saving is "
+            "tiergate_saved_usd_total - tiergate_overspent_usd_total.",
+            ["model"],
+            registry=r,
+        )
         self.cache = Counter(
             "tiergate_cache_lookups",
             "Response cache lookups: exact, semantic (hits) or miss.",
@@ -237,6 +244,8 @@ class Metrics:
         self._trail(record, runtime)
         if record.saved_usd > 0:
             self._of(self.saved, model).inc(record.saved_usd)
+        elif record.saved_usd < 0:  # a counter only goes up: what an escalation overspent is counted apart
+            self._of(self.overspent, model).inc(-record.saved_usd)
         if record.cache:
             self._of(self.cache, model, record.cache).inc()
         if not record.validation_ok:

@@ -51,6 +51,7 @@ class ServerSettings(Section):
     )
     metrics_token: SecretStr | None = Field(
         None,
+        min_length=1,
         description="Bearer token GET /metrics needs (use a ${ENV} reference; shown redacted). Unset: /metrics "
         "is open to anyone who can reach the port.",
     )

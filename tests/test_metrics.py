@@ -140,6 +140,17 @@ def test_an_invalid_output_escalation_counts_exactly_its_reason_and_the_tokens_i
     assert value(found, "tiergate_cost_usd_total", model="auto", backend="small") == pytest.approx(3 * 30e-6)
     assert value(found, "tiergate_cost_usd_total", model="auto", backend="big") == pytest.approx(3 * 300e-6)
     assert value(found, "tiergate_gateway_overhead_seconds_count", model="auto", backend="big") == 3
+    # big alone would have cost what it did; small's answer was paid on top
+    assert value(found, "tiergate_overspent_usd_total", model="auto") == pytest.approx(3 * 30e-6)
+    assert value(found, "tiergate_saved_usd_total", model="auto") == 0
+
+
+def test_a_cheap_answer_counts_its_saving_against_the_top_tier() -> None:
+    with running(small=[Reply("good")]) as app:
+        app.sdk().chat.completions.create(model="auto", messages=ASK)  # type: ignore[arg-type]
+        found = app.scrape()
+    assert value(found, "tiergate_saved_usd_total", model="auto") == pytest.approx(300e-6 - 30e-6)
+    assert escalations(found) == [] and series(found, "tiergate_escalated_tokens_total") == []
 
 
 def test_a_low_confidence_escalation_increments_only_low_confidence() -> None:
