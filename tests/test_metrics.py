@@ -25,7 +25,7 @@ from gateway.app import create_app
 from gateway.openai_routes import Gateway
 from router.store import KeyRecord, MemoryStore, hash_api_key
 from tests.conftest import stop_server
-from tests.fakes import PLACEHOLDER, FakeBackend, Reply, table_from
+from tests.fakes import PLACEHOLDER, FakeBackend, FakeEmbedder, Reply, table_from
 from tests.redis_server import RedisServer
 from tests.test_workers import ACCESS_PID, descendants, left_behind, pids_of, serve_workers
 from tests.upstream import UpstreamServer
@@ -256,6 +256,21 @@ def test_rate_limit_and_budget_refusals_are_counted_with_the_policys_team_names(
     # a team the policy does not name is "other": names made through the admin API never become label values
     assert value(found, "tiergate_refusals_total", model="auto", team="other", reason="budget_exceeded") == 1
     assert "made-by-admin" not in text and "tg-key" not in text and "key_a" not in text
+
+
+def test_embeddings_count_their_input_tokens_under_the_embedder() -> None:
+    embedder = "{type: sentence_transformers, model: {path: /nonexistent}}"
+    text = POLICY + f"  vec: {{embedding: vectors}}\nembeddings:\n  vectors: {embedder}\n"
+    backends = {name: FakeBackend(name) for name in ("small", "big")}
+    app = create_app(table_from(text), backends=dict(backends), embedders={"vectors": FakeEmbedder("vectors")})
+    with TestClient(app) as client:
+        sdk = OpenAI(base_url="http://testserver/v1", api_key="none", http_client=client, max_retries=0)
+        sdk.embeddings.create(model="vec", input=["one", "two", "three"])
+        found = samples(client.get("/metrics").text)
+    gen_ai = {"gen_ai_operation_name": "embeddings", "gen_ai_request_model": "vec", "gen_ai_response_model": "vectors"}
+    assert value(found, "gen_ai_client_token_usage_sum", **gen_ai, gen_ai_token_type="input") == 3  # one per text
+    assert value(found, "gen_ai_client_token_usage_count", **gen_ai, gen_ai_token_type="output") == 0
+    assert value(found, "gen_ai_server_request_duration_seconds_count", **gen_ai, error_type="") == 1
 
 
 def test_reloads_and_the_policy_version_are_exposed(app: App) -> None:
