@@ -16,6 +16,7 @@ from router.engine import Answer, Stream
 from router.request_record import UNKNOWN, RequestRecord
 from router.runtime import Runtime
 
+CLIENT_CLOSED = 499  # as gateway/openai_routes.py answers a client that hung up (imported from there: a cycle)
 OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "text_completion",
@@ -65,6 +66,8 @@ def record_of(
         error_code = failure.code or type(failure).__name__
     elif ended is not None and ended != "done":
         error_code = ended
+    elif response.status_code == CLIENT_CLOSED:
+        error_code = "client_closed"
     ttft = None
     if isinstance(response, EventStream) and response.first_sent is not None:
         ttft = response.first_sent - began
