@@ -16,7 +16,7 @@ from router.engine import Answer, Stream
 from router.request_record import UNKNOWN, RequestRecord
 from router.runtime import Runtime
 
-CLIENT_CLOSED = 499  # as gateway/openai_routes.py answers a client that hung up (imported from there: a cycle)
+CLIENT_CLOSED = 499  # as gateway/openai_routes.py answers a client that hung up (not imported: a cycle)
 OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "text_completion",
