@@ -25,8 +25,10 @@ from backends.base import Backend, Embedder
 from backends.errors import BadRequest, NotFound, TiergateError
 from gateway.admin import admin_routes
 from gateway.admin_policy import policy_routes
+from gateway.admin_requests import request_routes
 from gateway.health import Health
 from gateway.http import HeaderLimit, error_response, json_response
+from gateway.metrics import metrics_routes
 from gateway.openai_routes import Gateway, gateway_of, routes
 from gateway.reload import PartFactory, PolicySource, Reloader, Running
 from gateway.reload_triggers import Triggers
@@ -124,12 +126,17 @@ def create_app(
             for learner in final.learners.values():
                 await learner.drain()  # no refit left running against a closed loop
             await reloader.aclose()
+            await gateway_of_app(app).traces.aclose()  # the last traces reach the store before it closes
             for part in final.parts().values():
                 await part.aclose()
             await final.store.aclose()
 
     app = FastAPI(title="tiergate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.gateway = Gateway(runtimes, time.time())
+    gateway = Gateway(runtimes, time.time())
+    app.state.gateway = gateway
+    reloader.listeners.append(lambda entry: gateway.metrics.reloaded(entry.trigger, entry.result))
+    reloader.on_version.append(lambda version: gateway.metrics.policy_version(version.counter))
+    gateway.metrics.policy_version(reloader.running.version.counter)
     app.state.reloader = reloader
     app.state.health = health
     app.state.admin_key = admin_key or None  # gateway/admin.py: admin routes are refused without one
@@ -143,7 +150,7 @@ def create_app(
     app.router.routes.extend(
         [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *routes()]
     )
-    app.router.routes.extend([*admin_routes(), *policy_routes()])
+    app.router.routes.extend([*admin_routes(), *policy_routes(), *request_routes(), *metrics_routes()])
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import importlib.metadata
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from gateway.keys_cli import add_keys_commands
@@ -14,6 +16,7 @@ from gateway.logs import PLAIN, WITH_PID, log_off_the_hot_path
 from router.loader import DEFAULT_POLICY, PolicyError, load_policy
 from router.table import RoutingTable, compile_policy, workers_need_state
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # as gateway/metrics.py reads it (not imported: no prometheus here)
 APP_FACTORY = "gateway.app:app_from_env"  # what `uvicorn --factory` starts; each worker builds its own app
 WORKER_FACTORY = "gateway.workers:worker_app"  # with --workers N > 1: local models are the engine's clients
 
@@ -53,6 +56,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         with contextlib.ExitStack() as stack:
             if workers > 1:
+                metrics_folder = tempfile.mkdtemp(prefix="tiergate-metrics-")  # fresh: no stale worker files
+                stack.callback(shutil.rmtree, metrics_folder, ignore_errors=True)
+                os.environ[MULTIPROC_ENV] = metrics_folder  # gateway/metrics.py: every worker's values, one scrape
                 from gateway.engine_process import engine_backend_names
                 from gateway.workers import ENGINE_SOCKET_ENV, EngineProcess
 

@@ -16,6 +16,8 @@ from starlette.routing import Route
 from backends.errors import InternalError, NotFound, TiergateError
 from backends.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
 from gateway.http import ClientGone, error_response, header_value, json_response, parse, read_json, unless_disconnected
+from gateway.metrics import Metrics
+from gateway.observe import record_of
 from gateway.sse import EventStream
 from router import engine
 from router.access import KnownKeys, allowed_models, authenticate, check_model
@@ -23,8 +25,11 @@ from router.admission import Admission, admit, finish
 from router.context import RequestContext
 from router.costs import Costs, tokens_of
 from router.engine import Answer, Stream
+from router.request_record import RequestRecord
 from router.runtime import Runtime, RuntimeRef
+from router.store import Store
 from router.table import RoutingTable
+from router.traces import Traces
 from router.validators import prompt_text
 
 log = logging.getLogger("tiergate.access")
@@ -39,6 +44,16 @@ class Gateway:
     runtimes: RuntimeRef
     started: float
     known_keys: KnownKeys = field(default_factory=KnownKeys)  # what a store outage falls back on
+    metrics: Metrics = field(default_factory=Metrics)
+    traces: Traces = field(default_factory=Traces)
+
+    def observe(self, record: RequestRecord, runtime: Runtime) -> None:
+        """Hand a finished request's record to metrics and traces (the runtime it ran on names its limits)."""
+        try:
+            self.metrics.observe(record, runtime)
+            self.traces.add(record, traces_store(runtime), runtime.table.server.traces)
+        except Exception:  # a bug here must not turn an answer given into a 500
+            log.exception("request %s not observed", record.request_id)
 
     @property
     def runtime(self) -> Runtime:
@@ -47,6 +62,11 @@ class Gateway:
     @property
     def table(self) -> RoutingTable:
         return self.runtimes.current.table
+
+
+def traces_store(runtime: Runtime) -> Store | None:
+    """Where traces are kept: the shared store when the policy has one (`state:`), else this process."""
+    return runtime.store if runtime.table.state is not None else None
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -59,6 +79,8 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
 
     async def endpoint(request: Request) -> Response:
         began = time.perf_counter()
+        arrived_at = time.time()
+        failure: TiergateError | None = None
         gateway = gateway_of(request)
         context = RequestContext()
         request.state.context = context
@@ -70,26 +92,31 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
             context.caller = await authenticate(runtime.table, runtime.store, gateway.known_keys, authorization)
             response = await handler(request)
         except TiergateError as error:
+            failure = error
             response = error_response(error)
         except ClientGone:
             response = Response(status_code=CLIENT_CLOSED)
         except Exception:
             log.exception("unhandled error on %s", request.scope["path"])
-            response = error_response(InternalError("internal error; see the gateway log"))
+            failure = InternalError("internal error; see the gateway log")
+            response = error_response(failure)
         except BaseException:  # cancelled: the request ends here
             runtime.in_flight -= 1
             raise
         response.headers["x-tiergate-policy"] = runtime.version
+        timing = (arrived_at, began, time.perf_counter())
         if isinstance(response, EventStream):
 
-            def stream_ended(ended: str) -> None:
+            def on_end(ended: str) -> None:
                 runtime.in_flight -= 1
                 _access_line(request, response, began, context, ended)
+                gateway.observe(record_of(request, response, timing, context, failure, ended), runtime)
 
-            response.on_end = stream_ended
+            response.on_end = on_end
         else:
             runtime.in_flight -= 1
             _access_line(request, response, began, context)
+            gateway.observe(record_of(request, response, timing, context, failure), runtime)
         return response
 
     return endpoint
@@ -164,6 +191,7 @@ async def _generation(request: Request, schema: type[ChatRequest] | type[Complet
     runtime: Runtime = request.state.runtime
     table = runtime.table
     parsed = parse(schema, await read_json(request, table.server.max_body_bytes))
+    request.state.model = parsed.model
     if table.server.log_prompts:
         request.state.prompt = prompt_text(parsed)
     context: RequestContext = request.state.context
@@ -187,6 +215,7 @@ async def _generation(request: Request, schema: type[ChatRequest] | type[Complet
     except BaseException:
         await finish(runtime, admission, context, parsed.model, None)
         raise
+    request.state.answer = answer
     await finish(runtime, admission, context, parsed.model, answer.costs or Costs(tokens=_tokens(answer.payload)))
     return json_response(answer.payload, headers={**transparency(answer, context, began), **admission.headers()})
 
@@ -207,6 +236,7 @@ async def embeddings(request: Request) -> Response:
     runtime: Runtime = request.state.runtime
     table = runtime.table
     parsed = parse(EmbeddingRequest, await read_json(request, table.server.max_body_bytes))
+    request.state.model = parsed.model
     context: RequestContext = request.state.context
     check_model(table, context.caller, parsed.model)
     admission: Admission = await admit(runtime, context.caller, table.route(parsed.model), parsed)
@@ -215,6 +245,7 @@ async def embeddings(request: Request) -> Response:
     except BaseException:
         await finish(runtime, admission, context, parsed.model, None)
         raise
+    request.state.embedding_usage = payload["usage"]
     await finish(runtime, admission, context, parsed.model, Costs(tokens=_tokens(payload)))
     return json_response(payload, headers=admission.headers())
 
@@ -237,6 +268,7 @@ async def get_model(request: Request) -> Response:
     gateway = gateway_of(request)
     table: RoutingTable = request.state.runtime.table
     name = request.path_params["model"]
+    request.state.model = name
     check_model(table, request.state.context.caller, name)
     if name not in table.routes:
         raise NotFound(f"The model '{name}' does not exist", param="model")

@@ -123,6 +123,7 @@ class Reloader:
     preflight: Preflight | None = memory_fits  # refuses a swap that would not fit in memory
     history: deque[Reload] = field(default_factory=lambda: deque(maxlen=HISTORY))
     listeners: list[Listener] = field(default_factory=list)  # metrics count every result
+    on_version: list[Callable[[PolicyVersion], None]] = field(default_factory=list)  # the metrics' version gauge
     skipped_counter: int = 0  # a published policy that failed here is not retried at every poll
     first_load: asyncio.Task[None] | None = None  # the startup load (gateway/app.py); reloads wait for it
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -256,6 +257,7 @@ class Reloader:
             self.health.failures.pop(name, None)
         self.running = Running(text, loaded, version, self.running.base)
         self._retire(self.runtimes.swap(new), retired)
+        self._version_changed()
         return "ok", summary, ""
 
     async def _start(self, runtime: Runtime, names: list[str]) -> str | None:
@@ -289,6 +291,11 @@ class Reloader:
     def _set_version(self, version: PolicyVersion) -> None:
         self.running.version = version
         self.runtimes.current.version = str(version)
+        self._version_changed()
+
+    def _version_changed(self) -> None:
+        for listener in self.on_version:
+            listener(self.running.version)
 
     # --- retiring ---
 

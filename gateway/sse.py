@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -45,6 +46,7 @@ class EventStream(Response):
         self.on_end: Callable[[str], None] | None = None
         self.settle: Callable[[], Awaitable[None]] | None = None  # after the last chunk (limits, budgets)
         self.ended = "client_closed"
+        self.first_sent: float | None = None  # perf_counter when the first chunk was handed to the server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -75,6 +77,7 @@ class EventStream(Response):
         # here (what failed and where; never the prompt, and the message clipped as a header would be).
         try:
             await send({"type": "http.response.body", "body": event(self.first), "more_body": True})
+            self.first_sent = time.perf_counter()
             async with asyncio.timeout_at(self.deadline):
                 async for chunk in self.rest:
                     await send({"type": "http.response.body", "body": event(chunk), "more_body": True})

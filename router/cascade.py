@@ -13,7 +13,7 @@ from backends.errors import TiergateError
 from backends.protocol import ChatRequest, Message
 from router.attempts import Attempts, Plan
 from router.context import RequestContext
-from router.costs import Costs, Throughput, charge, settle_baseline
+from router.costs import Costs, Throughput, charge, settle_baseline, tokens_of
 from router.learned import DifficultyLearner
 from router.outcomes import Outcome, OutcomeLog
 from router.table import Route
@@ -232,6 +232,9 @@ class Cascade:
 
     def _charge(self, costs: Costs, backend: Backend, payload: Payload, plan: Plan) -> None:
         busy = plan.attempts[-1].seconds if plan.attempts else 0.0
-        cost = charge(costs, backend, payload.get("usage") or {}, busy, self.throughput)
+        usage = payload.get("usage") or {}
+        cost = charge(costs, backend, usage, busy, self.throughput)
         if plan.attempts:
-            plan.attempts[-1].cost_usd = cost
+            attempt = plan.attempts[-1]
+            attempt.cost_usd = cost
+            attempt.prompt_tokens, attempt.completion_tokens = tokens_of(usage)

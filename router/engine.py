@@ -26,7 +26,7 @@ from backends.stream_usage import estimated_prompt_tokens
 from router.cache import CACHE_BACKEND, Hit, Plan
 from router.cascade import Cascade, Guide, needs_buffering, skip_predicted_hard, validators_of
 from router.context import RequestContext
-from router.costs import Costs, charge, settle_baseline
+from router.costs import Costs, charge, settle_baseline, tokens_of
 from router.replay import replay
 from router.runtime import Runtime
 from router.table import Route
@@ -340,6 +340,7 @@ def _charge_stream(
         attempt = context.trace[position]
         if attempt.backend == backend.name and attempt.ok:
             attempt.cost_usd = cost
+            attempt.prompt_tokens, attempt.completion_tokens = tokens_of(usage)
             break
 
 

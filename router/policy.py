@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from backends.registry import BackendSettings, EmbedderSettings
 from router.cache_settings import CacheSettings
@@ -54,6 +54,18 @@ class ServerSettings(Section):
         description="`tiergate serve` reloads the policy when its file changes (the folder is watched, so editors "
         "that rename a temp file over it and Kubernetes ConfigMap updates count). SIGHUP and the admin API reload "
         "either way.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        min_length=1,
+        description="Bearer token GET /metrics needs (use a ${ENV} reference; shown redacted). Unset: /metrics "
+        "is open to anyone who can reach the port.",
+    )
+    traces: int = Field(
+        1000,
+        ge=0,
+        le=100_000,
+        description="Request traces kept for GET /admin/requests (the newest this many, in the store); 0: none.",
     )
     readyz_details: bool = Field(
         False,

@@ -40,24 +40,26 @@ class Attempt:
     score: float | None = None  # the predicted failure probability, for PREDICTED_HARD
     seconds: float = 0.0  # time inside the backend
     cost_usd: float = 0.0
+    prompt_tokens: int = 0  # of the answer this call was charged for (0: it raised, or was skipped)
+    completion_tokens: int = 0
 
     @property
     def called(self) -> bool:
         return self.skip is None
 
+    def outcome(self) -> str:
+        """ok, the error code, the skip or the escalation: a bounded value (metrics label it), without the score."""
+        if self.skip is not None:
+            return self.skip.value
+        if self.escalation is not None:
+            return self.escalation.value
+        return self.error_code or "ok"
+
     def label(self) -> str:
         """The `backend:outcome` form of `x-tiergate-attempts` and the access log."""
         if self.skip is Skip.PREDICTED_HARD and self.score is not None:
-            outcome = f"predicted_hard={self.score:.2f}"
-        elif self.skip is not None:
-            outcome = self.skip.value
-        elif self.escalation is not None:
-            outcome = self.escalation.value
-        elif self.error_code:
-            outcome = self.error_code
-        else:
-            outcome = "ok"
-        return f"{self.backend}:{outcome}"
+            return f"{self.backend}:predicted_hard={self.score:.2f}"
+        return f"{self.backend}:{self.outcome()}"
 
 
 def render(trail: list[Attempt]) -> str:

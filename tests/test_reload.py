@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ADMIN_KEY, Server, serving
 from tests.fakes import PLACEHOLDER
@@ -63,6 +64,19 @@ def wait_version(server: Server, before: str, within: float = 10.0) -> dict[str,
     raise AssertionError(f"the policy version stayed {before}: {running(server)['history'][:3]}")
 
 
+def reloads_counted(server: Server) -> dict[tuple[str, str], float]:
+    """tiergate_policy_reloads_total by (trigger, result), and the version gauge under ("version", "")."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    found: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tiergate_policy_reloads_total":
+                found[(sample.labels["trigger"], sample.labels["result"])] = sample.value
+            elif sample.name == "tiergate_policy_version":
+                found[("version", "")] = sample.value
+    return found
+
+
 def ask(server: Server, model: str = "alpha") -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
     return httpx.post(server.base_url + "/chat/completions", json=body, timeout=30)
@@ -94,6 +108,8 @@ def test_put_swaps_the_policy_and_the_history_says_what_changed(gateway: Server,
     assert result["result"] == "ok" and result["trigger"] == "put" and result["summary"] == "models +beta"
     counter, digest = VERSION.match(result["version"]).groups()  # type: ignore[union-attr]
     assert int(counter) == before["counter"] + 1 and digest != before["digest"][:8]
+    assert reloads_counted(gateway)[("version", "")] == int(counter)
+    assert reloads_counted(gateway)[("put", "ok")] == 1
     answer = ask(gateway, "beta")
     assert answer.status_code == 200 and answer.headers["x-tiergate-policy"] == result["version"]
     again = admin(gateway, "PUT", "/admin/policy", policy(upstream, more="  beta: {backend: other}")).json()
@@ -114,8 +130,10 @@ def test_an_invalid_policy_is_refused_with_its_error_and_the_old_one_serves(
     gateway: Server, body: str, status: int, needle: str
 ) -> None:
     before = running(gateway)["version"]
+    counted = reloads_counted(gateway).get(("put", "invalid"), 0)
     response = admin(gateway, "PUT", "/admin/policy", body)
     assert response.status_code == status, response.text
+    assert reloads_counted(gateway)[("put", "invalid")] == counted + 1
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_policy"
     assert re.search(needle, error["message"]), error["message"]
@@ -142,6 +160,7 @@ def test_a_model_that_cannot_load_fails_the_reload_and_the_old_one_serves(
         assert needle in response.json()["error"]["message"]
         assert ask(gateway).headers["x-tiergate-policy"] == before
     assert [entry["result"] for entry in running(gateway)["history"][:2]] == ["failed", "failed"]
+    assert reloads_counted(gateway)[("put", "failed")] == 2
 
 
 def test_an_unchanged_backend_keeps_its_open_breaker_and_a_changed_one_starts_afresh(
