@@ -26,6 +26,7 @@ from backends.errors import BadRequest, NotFound, TiergateError
 from gateway.admin import admin_routes
 from gateway.admin_policy import policy_routes
 from gateway.admin_requests import request_routes
+from gateway.drain import drain_on_sigterm
 from gateway.health import Health
 from gateway.http import HeaderLimit, error_response, json_response
 from gateway.metrics import metrics_routes
@@ -105,8 +106,13 @@ def create_app(
         adoption = await reloader.boot()
         if adoption is not None:
             triggers.tasks.add(adoption)
+        restore_sigterm = None
         if watch and threading.current_thread() is threading.main_thread():
             triggers.on_sighup()
+            served = gateway_of_app(app)
+            restore_sigterm = drain_on_sigterm(
+                health, lambda: served.table.server.drain_delay_s, lambda: served.runtime.in_flight
+            )
         if watch:  # events are ignored while the running policy says watch_policy: false
             triggers.watch_file()
         if table.state is not None:  # replicas share the store: follow what the others publish
@@ -114,6 +120,8 @@ def create_app(
         try:
             yield
         finally:
+            if restore_sigterm is not None:
+                restore_sigterm()
             await triggers.stop()
             loading.cancel()
             metering.cancel()  # its last flush runs as it stops

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 
 from gateway.keys_cli import add_keys_commands
 from gateway.logs import PLAIN, WITH_PID, log_off_the_hot_path
@@ -69,15 +72,22 @@ def serve(args: argparse.Namespace) -> int:
                     engine.start()
                     os.environ[ENGINE_SOCKET_ENV] = str(engine.socket)
                 print(f"{workers} worker processes; local models in one engine process: {', '.join(local) or 'none'}")
-            run_server(host, port, table.server.max_header_bytes, workers)
+            run_server(host, port, table.server.max_header_bytes, workers, table.server.drain_s)
     finally:
         listener.stop()
     return 0
 
 
-def run_server(host: str, port: int, max_header_bytes: int, workers: int = 1) -> None:
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def run_server(host: str, port: int, max_header_bytes: int, workers: int = 1, drain_s: float = 30.0) -> None:
     import uvicorn
 
+    # uvicorn puts back the handler it found and raises the signal again once it has shut down gracefully: with
+    # this one, a drained SIGTERM ends `serve` with exit code 0 instead of death by the signal (143).
+    signal.signal(signal.SIGTERM, _stopped)
     uvicorn.run(
         WORKER_FACTORY if workers > 1 else APP_FACTORY,
         factory=True,
@@ -91,7 +101,7 @@ def run_server(host: str, port: int, max_header_bytes: int, workers: int = 1) ->
         # oversized heads with 431 under any server. h11 would stop them while reading, if chosen.
         http="httptools",
         h11_max_incomplete_event_size=max_header_bytes,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=math.ceil(drain_s),  # requests in flight after SIGTERM (gateway/drain.py)
         log_config=None,  # keep the root logger's queue handler
     )
 

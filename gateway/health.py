@@ -20,7 +20,7 @@ State = Literal["ready", "loading", "unavailable", "disabled"]
 
 @dataclass(frozen=True)
 class Readiness:
-    status: Literal["ready", "loading", "unavailable"]
+    status: Literal["ready", "loading", "unavailable", "draining"]
     models: dict[str, State]
 
 
@@ -64,12 +64,14 @@ class Health:
     failures: dict[str, str]  # part name -> why it failed to load
     admin_key: str | None
     loading_done: bool = False
+    draining: bool = False  # SIGTERM came: unready at once, so that load balancers send no new requests
 
     def readiness(self, runtime: Runtime) -> Readiness:
         parts = runtime.parts()
         loaded = {name for name, part in parts.items() if part.ready()}
         loading = set() if self.loading_done else set(parts) - loaded - set(self.failures)
-        return readiness(runtime.table, loaded, loading)
+        found = readiness(runtime.table, loaded, loading)
+        return Readiness("draining", found.models) if self.draining else found
 
     def answer(self, request: Request, runtime: Runtime) -> Response:
         found = self.readiness(runtime)

@@ -347,7 +347,7 @@ class Reloader:
         return entry
 
 
-RESTART_ONLY = ("host", "port", "workers", "max_header_bytes")  # read once, when the server starts
+RESTART_ONLY = ("host", "port", "workers", "max_header_bytes", "drain_s")  # read once, when the server starts
 
 
 def needs_restart(old: RoutingTable, new: RoutingTable) -> list[str]:

@@ -49,6 +49,21 @@ class ServerSettings(Section):
         "needs `state:` (Redis), so that keys, limits and budgets hold across them; local models are then loaded "
         "once, in one engine process the workers share.",
     )
+    drain_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="On SIGTERM, how long requests in flight (streams included) may take to finish after the "
+        "listener closes; what is still running then is cancelled. /readyz answers 503 from the signal on.",
+    )
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="On SIGTERM, keep accepting requests this long (while /readyz answers 503) before the listener "
+        "closes: for load balancers that learn of a stopping replica only from its health check. Kubernetes: "
+        "leave 0 and use a preStop sleep.",
+    )
     watch_policy: bool = Field(
         True,
         description="`tiergate serve` reloads the policy when its file changes (the folder is watched, so editors "
