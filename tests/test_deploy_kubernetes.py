@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,7 +26,8 @@ from backends.openai_compat import OpenAICompatSettings
 from router.loader import ENV_REFERENCE, parse_policy
 from router.policy_version import literal_secrets
 from router.table import RoutingTable, compile_policy
-from tests.conftest import ROOT
+from tests.conftest import ROOT, start_server, stop_server
+from tests.upstream import UpstreamServer
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 TARGETS = {"base": KUBERNETES / "base", "cpu": KUBERNETES / "overlays" / "cpu", "gpu": KUBERNETES / "overlays" / "gpu"}
@@ -303,7 +307,7 @@ def test_gateway_runs_unprivileged_on_a_read_only_root(rendered: Rendered) -> No
     assert box["securityContext"]["allowPrivilegeEscalation"] is False
     volumes = {v["name"]: v for v in pod["volumes"]}
     writable = {m["mountPath"] for m in box["volumeMounts"] if "emptyDir" in volumes[m["name"]]}
-    assert {"/tmp", env_values(box)["HOME"]} <= writable
+    assert "/tmp" in writable  # the image's caches (XDG_CACHE_HOME, NUMBA_CACHE_DIR) and temporary files
 
 
 def test_redis_persists_and_is_reachable_only_from_the_gateway(rendered: Rendered) -> None:
@@ -357,3 +361,62 @@ def test_readme_commands_name_real_targets() -> None:
     assert applied, "the README shows how to apply"
     for path in applied:
         assert (ROOT / path / "kustomization.yaml").is_file(), path
+
+
+class ConfigMapVolume:
+    """A folder laid out and updated as the kubelet's atomic writer does for a ConfigMap volume: each version
+    in a `..<timestamp>` folder, `..data` a symlink to the current one, each key a symlink through `..data`;
+    an update writes a new folder, renames a new `..data_tmp` symlink over `..data`, then removes the old."""
+
+    def __init__(self, folder: Path, files: dict[str, str]) -> None:
+        self.folder = folder
+        self.generation = 0
+        self.current = self._write(files)
+        (folder / "..data").symlink_to(self.current.name)
+        for name in files:
+            (folder / name).symlink_to(f"..data/{name}")
+
+    def _write(self, files: dict[str, str]) -> Path:
+        self.generation += 1
+        version = self.folder / f"..2026_12_02_06_00_00.{self.generation:09d}"
+        version.mkdir(parents=True)
+        for name, text in files.items():
+            (version / name).write_text(text, encoding="utf-8")
+        return version
+
+    def update(self, files: dict[str, str]) -> None:
+        previous, self.current = self.current, self._write(files)
+        (self.folder / "..data_tmp").symlink_to(self.current.name)
+        os.replace(self.folder / "..data_tmp", self.folder / "..data")
+        shutil.rmtree(previous)
+
+
+# A policy routing to a loopback upstream: starts in a second, no model to load.
+UPSTREAM_POLICY = """\
+server: {{port: 8080}}
+backends:
+  up: {{type: openai, base_url: "{url}", model: m}}
+models:
+{models}"""
+
+
+def test_a_config_map_update_is_reloaded_without_a_restart(tmp_path: Path) -> None:
+    """What the fixed-name ConfigMap relies on: the kubelet's update of the mounted folder reaches the gateway."""
+    with UpstreamServer() as upstream:
+        first = UPSTREAM_POLICY.format(url=upstream.base_url, models="  alpha: {backend: up}\n")
+        volume = ConfigMapVolume(tmp_path / "tiergate", {"policy.yaml": first})
+        server = start_server(volume.folder / "policy.yaml", tmp_path / "gateway.log", ready_within=60)
+        try:
+            client = server.client()
+            assert [m.id for m in client.models.list()] == ["alpha"]
+            models = "  alpha: {backend: up}\n  beta: {backend: up}\n"
+            volume.update({"policy.yaml": UPSTREAM_POLICY.format(url=upstream.base_url, models=models)})
+            deadline = time.monotonic() + 20
+            while "beta" not in [m.id for m in client.models.list()] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            answer = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}])
+            assert answer.model == "beta" and answer.choices[0].message.content
+            assert server.process.poll() is None  # reloaded in place: the process never stopped
+            assert server.log_lines("policy reload (file) ok", "models +beta")
+        finally:
+            stop_server(server)
