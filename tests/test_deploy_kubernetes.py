@@ -37,7 +37,6 @@ KUBERNETES_VERSION = "1.32.0"
 # Kinds from CRDs, which kubernetes-validate has no schema for: checked by the ServiceMonitor test below.
 CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 GATEWAY_CONTAINER = "gateway"
-DEFAULT_DRAIN_S = 30.0  # server.drain_s's default, for a policy schema that predates the drain setting
 # Resident memory of a loaded gateway less its llama.cpp models: Python, torch and MiniLM (measured with
 # policies/default.yaml on 2 cores: VmRSS 1199 MB once ready, of which the two models' load was 517 MB).
 GATEWAY_BASE_BYTES = 700 * 10**6
@@ -212,7 +211,7 @@ def test_grace_period_covers_the_drain_and_the_pre_stop_sleep(rendered: Rendered
     command = rendered.gateway_container()["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep", command
     pre_stop_s = float(command[1])
-    drain_s = float(table.server.model_dump().get("drain_s", DEFAULT_DRAIN_S))
+    drain_s = table.server.drain_s
     assert pod["terminationGracePeriodSeconds"] > drain_s + pre_stop_s
 
 
