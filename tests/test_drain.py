@@ -19,10 +19,14 @@ server: {{drain_s: {drain}, drain_delay_s: {delay}}}
 reliability: {{retries: {{max_retries: 0}}}}
 backends:
   up: {{type: openai, base_url: "{url}", model: m}}
+  slow: {{type: openai, base_url: "{url}", model: w}}
 models:
   alpha: {{backend: up}}
+  beta: {{backend: slow}}
 """
 WORDS = "one two three four five six seven eight nine ten"  # ten chunks, 0.25 s apart: 2.5 s a stream
+STREAM = Behaviour(text=WORDS, chunk_delay_s=0.25)  # model m: streams (alpha)
+WHOLE = Behaviour(delay_s=2.5)  # model w: whole answers (beta), as long as a stream
 
 
 def start(tmp_path: Path, upstream: UpstreamServer, drain: float, delay: float) -> Server:
@@ -48,9 +52,9 @@ def in_flight(url: str, streams: int, wholes: int) -> tuple[list[threading.Threa
             outcomes.append(f"error: {error!r}")
 
     def whole() -> None:
-        body = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}
+        body = {"model": "beta", "messages": [{"role": "user", "content": "hi"}]}
         try:
-            started.release()  # the gateway has it once the upstream sees it (below)
+            started.release()  # under way once the upstream sees it: the callers wait for that (in_flight_at)
             response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
             outcomes.append("done" if response.status_code == 200 else f"status {response.status_code}")
         except httpx.HTTPError as error:
@@ -65,16 +69,22 @@ def in_flight(url: str, streams: int, wholes: int) -> tuple[list[threading.Threa
     return threads, outcomes
 
 
+def in_flight_at(upstream: UpstreamServer, count: int, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while upstream.stats()["in_flight"] < count:
+        assert time.monotonic() < deadline, f"only {upstream.stats()['in_flight']} of {count} requests under way"
+        time.sleep(0.01)
+
+
 def test_sigterm_unready_at_once_every_request_completes_then_refused_and_exit_0(
     tmp_path: Path, upstream: UpstreamServer
 ) -> None:
     upstream.reset()
-    upstream.plan("m", default=Behaviour(text=WORDS, chunk_delay_s=0.25, delay_s=0.0))
+    upstream.plan("m", default=STREAM)
     server = start(tmp_path, upstream, drain=20, delay=1.0)
     url = server.url
     threads, outcomes = in_flight(url, streams=6, wholes=0)
-    while upstream.stats()["in_flight"] < 6:
-        time.sleep(0.01)
+    in_flight_at(upstream, 6)
     signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.2)
@@ -100,12 +110,12 @@ def test_without_a_delay_the_listener_closes_at_once_and_whole_answers_finish_to
     tmp_path: Path, upstream: UpstreamServer
 ) -> None:
     upstream.reset()
-    upstream.plan("m", default=Behaviour(text=WORDS, chunk_delay_s=0.25, delay_s=1.5))
+    upstream.plan("m", default=STREAM)
+    upstream.plan("w", default=WHOLE)
     server = start(tmp_path, upstream, drain=20, delay=0)
     url = server.url
     threads, outcomes = in_flight(url, streams=3, wholes=3)
-    while upstream.stats()["in_flight"] < 6:
-        time.sleep(0.01)
+    in_flight_at(upstream, 6)
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     try:
@@ -125,8 +135,7 @@ def test_what_outlives_drain_s_is_cut_and_the_process_still_exits_0(tmp_path: Pa
     upstream.plan("m", default=Behaviour(text=WORDS * 4, chunk_delay_s=0.25))  # 10 s streams
     server = start(tmp_path, upstream, drain=1, delay=0)
     threads, outcomes = in_flight(server.url, streams=2, wholes=0)
-    while upstream.stats()["in_flight"] < 2:
-        time.sleep(0.01)
+    in_flight_at(upstream, 2)
     began = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=30) == 0
