@@ -27,13 +27,16 @@ MIRROR=${DEBIAN_MIRROR:-$(mirror_from_host)}
 command -v debootstrap >/dev/null || { echo "debootstrap is missing: apt-get install debootstrap" >&2; exit 1; }
 
 ROOT=$(mktemp -d /var/tmp/tiergate-base.XXXXXX)
+chmod 755 "$ROOT"   # mktemp makes it 0700: as the image's /, it would lock every non-root user out
 trap 'rm -rf "$ROOT"' EXIT
 START=$(date +%s)
 debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$ROOT" "$MIRROR" >/dev/null
 # The image's apt must reach the same archive (the builder stage installs compilers); no caches, no docs.
 printf 'deb %s %s main\ndeb %s %s-updates main\n' "$MIRROR" "$SUITE" "$MIRROR" "$SUITE" >"$ROOT/etc/apt/sources.list"
 rm -rf "$ROOT"/var/cache/apt/archives/*.deb "$ROOT"/var/lib/apt/lists/* "$ROOT"/usr/share/doc/* "$ROOT"/usr/share/man/*
+# An imported image has no environment at all: PATH as every Debian image sets it.
 tar -C "$ROOT" -c . | docker import \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
     --change 'CMD ["python3"]' \
     - "$IMAGE" >/dev/null
