@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -311,3 +312,15 @@ def test_the_cuda_policy_passes_check_and_offloads_every_layer(capsys: pytest.Ca
 @pytest.mark.parametrize("script", ["check.sh", "base-image.sh"])
 def test_the_deploy_scripts_parse(script: str) -> None:
     assert subprocess.run(["bash", "-n", DEPLOY / script], capture_output=True).returncode == 0
+
+
+def test_every_package_of_the_source_is_in_the_wheel_the_image_installs() -> None:
+    # The image installs the package, not an editable checkout: a subpackage left out of pyproject's list
+    # imports fine from the source tree and fails only in the container.
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("gateway", "router", "backends")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert found == listed
