@@ -133,6 +133,10 @@ export TIERGATE_POLICY_DIR=$WORK/policy
 TIERGATE_ADMIN_KEY=$("$PY" -c 'import secrets; print(secrets.token_urlsafe(24))')
 export TIERGATE_ADMIN_KEY
 "${COMPOSE[@]}" down --remove-orphans --timeout 50 >/dev/null 2>&1 || true
+for _ in $(seq 120); do   # vfs removes a container's full copy of its image: a previous run's may still be going
+    [ -z "$("$DOCKER" ps -aq --filter "label=com.docker.compose.project=$PROJECT")" ] && break
+    sleep 1
+done
 start=$(date +%s)
 "${COMPOSE[@]}" up -d
 for url in "$GW1" "$GW2" "$LB"; do
@@ -154,7 +158,7 @@ say "reload: PUT /admin/policy on gw1, then an edit of the mounted policy file"
 traffic reload --policy-file "$WORK/policy/policy.yaml"
 say "SIGTERM to gw1 while 4 clients (2 streaming) run through the balancer"
 gw1=$("${COMPOSE[@]}" ps -q gw1)
-traffic drain --stop "$DOCKER" stop --time 45 "$gw1"
+traffic drain --stop "$DOCKER stop --time 45 $gw1"
 echo "gw1 exit code: $("$DOCKER" inspect -f '{{.State.ExitCode}}' "$gw1")"
 [ "$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$gw1")" = 0 ] || { "$DOCKER" logs --tail 30 "$gw1"; exit 1; }
 "$DOCKER" logs "$gw1" 2>&1 | grep -iE 'drain|shutdown|signal' | tail -5 || true

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 import threading
@@ -167,7 +168,7 @@ def main() -> int:
     parser.add_argument("--replica", action="append", required=True)
     parser.add_argument("--admin-key", required=True)
     parser.add_argument("--policy-file", type=Path)
-    parser.add_argument("--stop", nargs="+", help="the command that stops one replica (drain)")
+    parser.add_argument("--stop", help="the command that stops one replica (drain), as one string")
     parser.add_argument("--after-s", type=float, default=8.0)
     parser.add_argument("--cap-s", type=float, default=120.0)
     args = parser.parse_args()
@@ -177,7 +178,7 @@ def main() -> int:
     elif args.step == "reload":
         reload(deployment, args.policy_file)
     else:
-        drain(deployment, args.stop, args.after_s, args.cap_s)
+        drain(deployment, shlex.split(args.stop), args.after_s, args.cap_s)
     return 0
 
 
