@@ -47,6 +47,9 @@ if "$DOCKER" compose version >/dev/null 2>&1; then COMPOSE=("$DOCKER" compose)
 elif command -v docker-compose >/dev/null; then COMPOSE=(docker-compose)
 else echo "neither 'docker compose' nor docker-compose: apt-get install docker-compose" >&2; exit 1; fi
 COMPOSE+=(-p "$PROJECT" -f "$DEPLOY/compose.yaml")
+# Creating a container copies its whole image on the vfs driver: longer than compose v1's 60 s HTTP timeout, after
+# which it retries and trips over the container it did create.
+export COMPOSE_HTTP_TIMEOUT=${COMPOSE_HTTP_TIMEOUT:-600} DOCKER_CLIENT_TIMEOUT=${DOCKER_CLIENT_TIMEOUT:-600}
 
 HTTP_PID=
 cleanup() {
