@@ -66,3 +66,9 @@ bench: install redis-server
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules
+
+# The container image built and the compose deployment run for real, on loopback ports (deploy/README.md):
+# two replicas, Redis, llama_cpp.server, HAProxy; SDK requests, a reload, SIGTERM under load. Slow; not in `make test`.
+.PHONY: deploy-check
+deploy-check: install
+	bash deploy/check.sh
