@@ -292,7 +292,7 @@ async def usage_report(request: Request, store: Store) -> Response:
             code="invalid_value",
         )
     days_text = request.query_params.get("days", "1")
-    if not days_text.isdigit() or not 1 <= int(days_text) <= MAX_USAGE_DAYS:
+    if not (days_text.isascii() and days_text.isdigit()) or not 1 <= int(days_text) <= MAX_USAGE_DAYS:
         raise BadRequest(f"Invalid value for 'days': 1 to {MAX_USAGE_DAYS}", param="days", code="invalid_value")
     now = time.time()
     days = [day_of(now - 86400 * back) for back in range(int(days_text))]

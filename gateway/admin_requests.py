@@ -27,7 +27,8 @@ def _status_matches(wanted: str, status: int) -> bool:
 def _status_filter(query: str | None) -> str | None:
     if query is None:
         return None
-    if not (len(query) == 3 and query[0] in "12345" and (query[1:].isdigit() or query[1:] == "xx")):
+    digits = query[1:].isascii() and query[1:].isdigit()  # str.isdigit() alone admits '²' and Arabic digits
+    if not (len(query) == 3 and query[0] in "12345" and (digits or query[1:] == "xx")):
         raise BadRequest("Invalid value for 'status': an HTTP status (429) or class (4xx)", param="status")
     return query
 
@@ -43,7 +44,7 @@ async def list_requests(request: Request, store: Store) -> Response:
         known = "limit, model, status, team"
         raise BadRequest(f"Unknown query parameter '{unknown[0]}' (known: {known})", param=unknown[0])
     limit_text = params.get("limit", str(DEFAULT_LIMIT))
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
+    if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= MAX_LIMIT:
         raise BadRequest(f"Invalid value for 'limit': 1 to {MAX_LIMIT}", param="limit", code="invalid_value")
     model, team, status = params.get("model"), params.get("team"), _status_filter(params.get("status"))
     found = []

@@ -82,7 +82,7 @@ def error_response(error: TiergateError) -> Response:
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object; too large is refused before reading, as far as headers allow."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"request body is {declared} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     size = 0

@@ -296,6 +296,9 @@ def test_usage_is_counted_per_key_team_model_and_backend(app: App) -> None:
     assert app.client.get("/admin/usage", params={"scope": "team:reporting"}).status_code == 401
     bad = app.client.get("/admin/usage", params={"scope": "x"}, headers={"authorization": f"Bearer {ADMIN}"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "scope"
+    odd_days = {"scope": "team:reporting", "days": "\u00b2"}  # a digit to str.isdigit(), not to int()
+    odd = app.client.get("/admin/usage", params=odd_days, headers={"authorization": f"Bearer {ADMIN}"})
+    assert odd.status_code == 400 and odd.json()["error"]["param"] == "days"
 
 
 # --- an abandoned stream is charged an estimate ---

@@ -129,6 +129,10 @@ def test_filters_by_model_status_and_limit() -> None:
         assert len(listed(client, "?status=200")) == 4
         bad = admin(client, "/admin/requests?status=teapot")
         unknown = admin(client, "/admin/requests?colour=red")
+        # Unicode digits pass str.isdigit() but not int(): refused like any other bad value, never a 500
+        for query, param in (("limit=%C2%B2", "limit"), ("limit=%D9%A3", "limit"), ("status=4%C2%B2%C2%B3", "status")):
+            odd = admin(client, f"/admin/requests?{query}")
+            assert (odd.status_code, odd.json()["error"]["param"]) == (400, param), query
     assert (bad.status_code, bad.json()["error"]["param"]) == (400, "status")
     assert (unknown.status_code, unknown.json()["error"]["param"]) == (400, "colour")
 
