@@ -24,7 +24,7 @@ from backends.errors import TiergateError
 from backends.llamacpp import LlamaCppSettings
 from backends.memory_estimate import refusal
 from gateway.health import Health
-from router.loader import LoadedPolicy, PolicyError, parse_policy
+from router.loader import LoadedPolicy, PolicyError, parse_policy, read_policy_text
 from router.policy_version import PolicyVersion, diff_summary, digest_of
 from router.runtime import Part, Runtime, RuntimeRef
 from router.store.base import PolicyRecord
@@ -64,13 +64,8 @@ class PolicySource:
 
     @classmethod
     def read(cls, path: str | Path) -> PolicySource:
-        file = Path(path)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            reason = getattr(error, "strerror", None) or str(error)
-            raise PolicyError([f"{file}: cannot read the policy ({reason})"]) from error
-        return cls(text, parse_policy(text, str(file)), file)
+        text = read_policy_text(path)
+        return cls(text, parse_policy(text, str(Path(path))), Path(path))
 
     @classmethod
     def of_text(cls, text: str, source: str = "<policy>") -> PolicySource:
@@ -164,10 +159,9 @@ class Reloader:
         if self.policy_file is None:
             return self._record(trigger, "invalid", "", "no policy file: this gateway was started from a policy text")
         try:
-            text = await asyncio.to_thread(self.policy_file.read_text, encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            reason = getattr(error, "strerror", None) or str(error)
-            return self._record(trigger, "invalid", "", f"{self.policy_file}: cannot read the policy ({reason})")
+            text = await asyncio.to_thread(read_policy_text, self.policy_file)
+        except PolicyError as error:
+            return self._record(trigger, "invalid", "", "\n".join(error.problems))
         return await self.apply(text, str(self.policy_file), trigger, base=digest_of(text))
 
     async def file_changed(self) -> Reload | None:
@@ -175,12 +169,13 @@ class Reloader:
         if self.policy_file is None:
             return None
         try:
-            text = await asyncio.to_thread(self.policy_file.read_text, encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
+            text = await asyncio.to_thread(read_policy_text, self.policy_file)
+        except PolicyError:
             return None  # mid-rename, or gone for now: the next event (or SIGHUP) reads it again
-        if digest_of(text) == self.running.base:
+        digest = digest_of(text)
+        if digest == self.running.base:
             return None
-        return await self.apply(text, str(self.policy_file), "file", base=digest_of(text))
+        return await self.apply(text, str(self.policy_file), "file", base=digest)
 
     async def adopt(self, record: PolicyRecord) -> Reload | None:
         """Another replica published `record`: run it too (the store names the version)."""

@@ -133,13 +133,19 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
     return LoadedPolicy(policy, source, missing, lines)
 
 
-def load_policy(path: str | Path) -> LoadedPolicy:
+def read_policy_text(path: str | Path) -> str:
+    """The policy file's text, or a PolicyError saying why it cannot be read."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8")
     except OSError as error:
         raise PolicyError([f"{file}: cannot read the policy ({error.strerror})"]) from error
-    return parse_policy(text, str(file))
+    except UnicodeDecodeError as error:
+        raise PolicyError([f"{file}: cannot read the policy ({error})"]) from error
+
+
+def load_policy(path: str | Path) -> LoadedPolicy:
+    return parse_policy(read_policy_text(path), str(Path(path)))
 
 
 def _data_location(loc: tuple[int | str, ...], data: Any) -> Location:
