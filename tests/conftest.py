@@ -135,6 +135,20 @@ def serving(policy_text: str, folder: Path, env: dict[str, str] | None = None) -
         stop_server(server)
 
 
+@contextlib.contextmanager
+def replicas(policy: Path, folder: Path, count: int) -> Iterator[list[Server]]:
+    """`count` gateway processes on one policy file (replicas sharing its `state:`), all stopped at the end, also
+    those a test put in the list in place of one it restarted."""
+    servers: list[Server] = []
+    try:
+        for index in range(count):
+            servers.append(start_server(policy, folder / f"gateway-{index}.log"))
+        yield servers
+    finally:
+        for server in servers:
+            stop_server(server)
+
+
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[UpstreamServer]:
     """A fault-injecting OpenAI-compatible upstream for the test module (see tests/upstream.py)."""

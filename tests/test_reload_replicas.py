@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, Server, start_server, stop_server
+from tests.conftest import ADMIN_KEY, Server, replicas, start_server, stop_server
 from tests.redis_server import RedisServer
 from tests.upstream import UpstreamServer
 
@@ -37,14 +37,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def pair(redis_server: RedisServer, upstream: UpstreamServer, tmp_path: Path) -> Iterator[tuple[Path, list[Server]]]:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(url=upstream.base_url, redis=redis_server.url))
-    servers: list[Server] = []
-    try:
-        for index in range(2):
-            servers.append(start_server(policy, tmp_path / f"gateway-{index}.log"))
+    with replicas(policy, tmp_path, 2) as servers:
         yield policy, servers
-    finally:
-        for server in servers:
-            stop_server(server)
 
 
 def version_of(server: Server) -> str:

@@ -16,7 +16,8 @@ import pytest
 from openai import OpenAI
 
 from router.store import RedisStore, hash_api_key
-from tests.conftest import ADMIN_KEY, Server, start_server, stop_server
+from tests.conftest import ADMIN_KEY, Server
+from tests.conftest import replicas as replicas_of
 from tests.redis_server import RedisServer
 from tests.upstream import Behaviour, UpstreamServer
 
@@ -54,14 +55,8 @@ def replicas(
     folder = tmp_path_factory.mktemp("replicas")
     policy = folder / "policy.yaml"
     policy.write_text(POLICY.format(url=upstream.base_url, redis=redis_server.url))
-    servers: list[Server] = []
-    try:
-        for index in range(REPLICAS):
-            servers.append(start_server(policy, folder / f"gateway-{index}.log"))
+    with replicas_of(policy, folder, REPLICAS) as servers:
         yield servers
-    finally:
-        for server in servers:
-            stop_server(server)
 
 
 def create_key(server: Server, name: str, **limits: Any) -> tuple[str, str]:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from openai import OpenAI, RateLimitError
 
-from tests.conftest import ADMIN_KEY, Server, start_server, stop_server
+from tests.conftest import ADMIN_KEY, Server, replicas
 from tests.llama_server import llama_server
 from tests.redis_server import RedisServer
 
@@ -38,14 +38,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     with RedisServer(folder) as redis, llama_server(folder) as url:
         policy = folder / "policy.yaml"
         policy.write_text(POLICY.format(redis=redis.url, url=url))
-        servers: list[Server] = []
-        try:
-            for index in range(2):
-                servers.append(start_server(policy, folder / f"gateway-{index}.log"))
+        with replicas(policy, folder, 2) as servers:
             yield policy, servers
-        finally:
-            for server in servers:
-                stop_server(server)
 
 
 def round_robin(servers: list[Server], key: str) -> Iterator[OpenAI]:
