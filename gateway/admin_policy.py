@@ -11,9 +11,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from backends.errors import BadRequest, BodyTooLarge, ReloadFailed
+from backends.errors import BadRequest, ReloadFailed
 from gateway.admin import admin_endpoint
-from gateway.http import json_response
+from gateway.http import json_response, read_body
 from gateway.openai_routes import gateway_of
 from gateway.reload import Reload, Reloader
 from router.policy_version import literal_secrets, redacted
@@ -64,12 +64,7 @@ async def show_policy(request: Request, store: Store) -> Response:
 
 
 async def put_policy(request: Request, store: Store) -> Response:
-    limit = gateway_of(request).table.server.max_body_bytes
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge(f"The policy is larger than {limit} bytes (server.max_body_bytes)")
+    body = await read_body(request, gateway_of(request).table.server.max_body_bytes)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:

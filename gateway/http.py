@@ -79,8 +79,8 @@ def error_response(error: TiergateError) -> Response:
     return json_response(error.to_body(), error.status, error.headers())
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; too large is refused before reading, as far as headers allow."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes; too large is refused before reading, as far as headers allow."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"request body is {declared} bytes; the limit is {limit}")
@@ -94,8 +94,14 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
             chunks.append(chunk)
     except ClientDisconnect as gone:
         raise ClientGone() from gone
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object (read_body's limit)."""
+    raw = await read_body(request, limit)
     try:
-        body = orjson.loads(b"".join(chunks))
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
         raise BadRequest(f"the body is not valid JSON: {error}") from error
     if not isinstance(body, dict):
