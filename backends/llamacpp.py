@@ -24,7 +24,7 @@ from backends.gate import FifoGate
 from backends.llamacpp_decode import Finish, Piece, decode
 from backends.model_files import check_gguf, resolve
 from backends.protocol import ChatRequest, CompletionRequest
-from backends.settings import ModelSourceSettings, PriceSettings, StrictSettings
+from backends.settings import BackendSection, ModelSourceSettings, PriceSettings, StrictSettings
 
 
 class SamplingDefaults(StrictSettings):
@@ -37,7 +37,7 @@ class SamplingDefaults(StrictSettings):
     repeat_penalty: float = Field(1.0, gt=0, description="llama.cpp repetition penalty (1: off).")
 
 
-class LlamaCppSettings(StrictSettings):
+class LlamaCppSettings(BackendSection):
     type: Literal["llamacpp"] = Field(description="In-process llama.cpp model (GGUF weights).")
     model: ModelSourceSettings = Field(description="Where the GGUF weights are.")
     prompt_format: Literal["chat", "completion"] = Field(

@@ -16,7 +16,14 @@ from yarl import URL
 from backends import openai_translate as translate
 from backends.base import Capabilities, GenerationRequest, Payload
 from backends.errors import BackendUnavailable, TiergateError, UpstreamError, UpstreamTimeout
-from backends.settings import ForwardList, PriceSettings, StrictSettings, check_forwarding, strip_unforwarded
+from backends.settings import (
+    BackendSection,
+    ForwardList,
+    PriceSettings,
+    StrictSettings,
+    check_forwarding,
+    strip_unforwarded,
+)
 from backends.stream_usage import StreamUsage
 from backends.upstream_errors import (
     FirstByteTimeout,
@@ -52,7 +59,7 @@ class CapabilitySettings(StrictSettings):
         )
 
 
-class TimeoutSettings(StrictSettings):
+class TimeoutSettings(BackendSection):
     connect_timeout_s: float = Field(5.0, gt=0, description="Opening a TCP/TLS connection to the upstream.")
     first_byte_timeout_s: float = Field(
         60.0, gt=0, description="Streams: from sending the request to the first chunk (queueing + prompt)."

@@ -16,6 +16,16 @@ class StrictSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class BackendSection(StrictSettings):
+    """What every backend kind's settings have: the switch the router reads (a backend never reads it)."""
+
+    enabled: bool = Field(
+        True,
+        description="false: the policy keeps the backend's settings but nothing routes to it and it is not loaded "
+        "(as a backend whose ${ENV} key is unset); a cascade goes on with its other tiers.",
+    )
+
+
 class ModelSourceSettings(StrictSettings):
     path: str | None = Field(None, description="Path to the weights on disk.")
     package: str | None = Field(

@@ -24,6 +24,7 @@ from starlette.routing import Route
 from backends.errors import AuthenticationFailed, BadRequest, InternalError, NotFound, PermissionDenied, TiergateError
 from gateway.http import ClientGone, error_response, json_response, parse, read_json
 from gateway.openai_routes import CLIENT_CLOSED, gateway_of
+from gateway.sessions import session_of
 from router.access import bearer, is_static_key
 from router.policy import MAX_PER_MINUTE
 from router.store.base import KeyRecord, Period, Store, hash_api_key, window_of
@@ -143,12 +144,15 @@ def key_view(record: KeyRecord) -> dict[str, Any]:
 
 
 async def require_admin(request: Request, admin_key: str | None, table: RoutingTable, store: Store) -> None:
-    """Admin routes exist only with an admin key configured, and answer only to it: a client key gets 403."""
+    """Admin routes exist only with an admin key configured, and answer only to it (or to a dashboard session that
+    logged in with it): a client key gets 403."""
     if not admin_key:
         raise PermissionDenied(
             "Admin routes are disabled: set TIERGATE_ADMIN_KEY on the gateway to enable them", code="admin_disabled"
         )
     token = bearer(request.headers.get("authorization", ""))
+    if token is None and session_of(request) is not None:  # the dashboard's cookie (and CSRF header) instead
+        return
     if token is None:
         raise AuthenticationFailed("Missing admin key: send 'Authorization: Bearer <TIERGATE_ADMIN_KEY>'")
     if hmac.compare_digest(token.encode(), admin_key.encode()):

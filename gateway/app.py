@@ -26,6 +26,7 @@ from backends.errors import BadRequest, NotFound, TiergateError
 from gateway.admin import admin_routes
 from gateway.admin_policy import policy_routes
 from gateway.admin_requests import request_routes
+from gateway.dashboard import dashboard_routes
 from gateway.drain import drain_on_sigterm
 from gateway.health import Health
 from gateway.http import HeaderLimit, error_response, json_response
@@ -33,6 +34,7 @@ from gateway.metrics import metrics_routes
 from gateway.openai_routes import Gateway, gateway_of, routes
 from gateway.reload import PartFactory, PolicySource, Reloader, Running
 from gateway.reload_triggers import Triggers
+from gateway.sessions import Sessions
 from router.loader import DEFAULT_POLICY
 from router.runtime import Runtime, RuntimeRef
 from router.store import Store, store_from
@@ -148,6 +150,7 @@ def create_app(
     app.state.reloader = reloader
     app.state.health = health
     app.state.admin_key = admin_key or None  # gateway/admin.py: admin routes are refused without one
+    app.state.sessions = Sessions()  # the dashboard's logins, in this process (gateway/sessions.py)
 
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -158,7 +161,9 @@ def create_app(
     app.router.routes.extend(
         [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *routes()]
     )
-    app.router.routes.extend([*admin_routes(), *policy_routes(), *request_routes(), *metrics_routes()])
+    app.router.routes.extend(
+        [*admin_routes(), *policy_routes(), *request_routes(), *metrics_routes(), *dashboard_routes()]
+    )
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

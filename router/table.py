@@ -88,6 +88,9 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
             disabled[str(location[1])] = f"environment variable {variable} is not set"
         else:
             problems.append(f"{loaded.where(location)}: environment variable {variable} is not set")
+    for name, backend in policy.backends.items():
+        if not backend.enabled:
+            disabled[name] = "enabled: false in the policy"
     for name in sorted(set(policy.backends) & set(policy.embeddings)):
         problems.append(f"{loaded.where(('embeddings', name))}: '{name}' is also the name of a backend")
 
