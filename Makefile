@@ -13,7 +13,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 CODE := $(wildcard gateway router backends tests bench)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock requirements-litellm.lock | sha1sum | cut -c1-12)
 
-.PHONY: install serve test check lint typecheck node-deps redis-server clean bench
+.PHONY: install serve test check lint typecheck node-deps redis-server chromium clean bench
 
 $(STAMP): pyproject.toml requirements.lock requirements-litellm.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,11 +42,18 @@ redis-server:
 	  echo "installing redis-server (apt-get)..."; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
+# The dashboard tests drive Debian's chromium through Playwright (its own browser download cannot work offline).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" != 0 ]; then echo "chromium is missing: apt-get install chromium (as root)" >&2; exit 1; fi; \
+	  echo "installing chromium (apt-get)..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 lint: install
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/mypy
 
-test: install node-deps redis-server
+test: install node-deps redis-server chromium
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider

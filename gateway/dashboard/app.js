@@ -199,7 +199,7 @@ function renderSummary(summary) {
     const toggle = el("button", String(status.state).startsWith("disabled") ? "Enable" : "Disable", { type: "button" });
     toggle.dataset.backend = name;
     toggle.addEventListener("click", () => toggleBackend(name, toggle.textContent === "Enable"));
-    return row([name, status.state, circuit ? (circuit.state || JSON.stringify(circuit)) : "closed", latency.calls,
+    return row([name, status.state, typeof circuit === "string" ? circuit : circuit ? (circuit.state || JSON.stringify(circuit)) : "closed", latency.calls,
       latency.errors, ms(latency.p50_s), ms(latency.p95_s), figuresOf(status), toggle]);
   }));
 }
@@ -300,7 +300,11 @@ async function applyPolicy(text) {
 async function toggleBackend(name, enable) {
   const current = await api("GET", "/admin/policy");
   const text = current.ok ? current.data.text : null;
-  if (!text) { $("backend-error").textContent = "the running policy's text is not available to edit"; return; }
+  if (!text) {
+    $("backend-error").textContent = "the running policy's text cannot be edited here: " +
+      ((current.data && current.data.text_withheld) || errorText(current));
+    return;
+  }
   const edited = setEnabled(text, name, enable);
   if (edited === null) { $("backend-error").textContent = `backend '${name}' not found in the policy text`; return; }
   const result = await applyPolicy(edited);
@@ -318,10 +322,10 @@ function setEnabled(text, name, enable) {
     if (!match) continue;
     const [, indent, rest] = match;
     if (rest.startsWith("{")) {
-      const inner = rest.replace(/^\{|\}\s*$/g, "").split(",").map((part) => part.trim())
-        .filter((part) => part && !part.startsWith("enabled:"));
-      if (!enable) inner.push("enabled: false");
-      lines[index] = `${indent}${name}: {${inner.join(", ")}}`;
+      // Only the top level's `enabled:` is touched: nested maps (price: {...}) keep their commas.
+      let body = rest.replace(/^\{\s*enabled:\s*(true|false)\s*,\s*/, "{").replace(/,\s*enabled:\s*(true|false)\s*\}\s*$/, "}");
+      if (!enable) body = "{enabled: false, " + body.slice(1);
+      lines[index] = `${indent}${name}: ${body}`;
       return lines.join("\n");
     }
     let end = index + 1;

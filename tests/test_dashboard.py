@@ -1,0 +1,194 @@
+"""The admin dashboard driven in a real headless Chromium (Debian's, through Playwright), against a real gateway
+whose two tiers are a fault-injecting OpenAI-compatible upstream on loopback; requests sent with the openai SDK."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import ADMIN_KEY, Server, serving
+from tests.upstream import Behaviour, UpstreamServer
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = "/usr/bin/chromium"
+if shutil.which(CHROMIUM) is None:  # `make test` installs it (Makefile target `chromium`)
+    pytest.skip("chromium is not installed: apt-get install chromium", allow_module_level=True)
+
+STATIC_KEY = "static-client-key"
+WAIT_MS = 30_000  # every wait in the page has this deadline
+POLICY = """
+server: {{api_keys: ["${{DASH_STATIC_KEY}}"], managed_keys: true, traces: 500}}
+reliability: {{retries: {{max_retries: 0}}}}
+backends:
+  small: {{type: openai, base_url: "{url}", model: small, price: {{input_per_million: 0.1, output_per_million: 0.2}}}}
+  big: {{type: openai, base_url: "{url}", model: big, price: {{input_per_million: 5, output_per_million: 15}}}}
+models:
+  auto:
+    cascade: [small, big]
+    validators: [{{type: regex, pattern: "Hello.*"}}]
+  direct: {{backend: big}}
+"""
+INVALID = """server: {api_keys: [static-client-key]}
+backends:
+  big: {type: openai, base_url: "http://127.0.0.1:9/v1", model: m}
+models:
+  auto:
+    cascade: [big, nosuch]
+"""
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def served(upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    text = POLICY.format(url=upstream.base_url)  # the key by reference: the page may edit a policy without secrets
+    with serving(text, tmp_path_factory.mktemp("dash"), {"DASH_STATIC_KEY": STATIC_KEY}) as server:
+        yield server
+
+
+@pytest.fixture()
+def page(served: Server) -> Iterator[playwright_api.Page]:
+    with playwright_api.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1800})
+            found = context.new_page()
+            found.set_default_timeout(WAIT_MS)
+            problems: list[str] = []  # script errors and CSP refusals: the page must run under its own policy
+            found.on("pageerror", lambda error: problems.append(str(error)))
+            found.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+            found.goto(f"{served.url}/admin")
+            yield found
+            # HTTP errors (401 before login, 400 for the invalid policy, 403 without CSRF) are answers the page shows.
+            assert [problem for problem in problems if not problem.startswith("Failed to load resource")] == []
+        finally:
+            browser.close()
+
+
+def log_in(page: playwright_api.Page, key: str = ADMIN_KEY) -> None:
+    page.fill("#login-key", key)
+    page.click("#login-submit")
+
+
+def wait_text(page: playwright_api.Page, selector: str, text: str) -> None:
+    page.wait_for_function(
+        "([selector, text]) => (document.querySelector(selector)?.textContent || '').includes(text)",
+        arg=[selector, text],
+        timeout=WAIT_MS,
+    )
+
+
+def test_login_live_panels_trace_reload_invalid_policy_and_csrf(
+    page: playwright_api.Page, served: Server, upstream: UpstreamServer, tmp_path: Path
+) -> None:
+    # A wrong key is refused, and logged without the key.
+    log_in(page, "wrong-key-DO-NOT-LOG")
+    wait_text(page, "#login-error", "Incorrect admin key")
+    assert page.is_hidden("#dashboard")
+    served.log_lines("dashboard login refused")
+    assert "wrong-key-DO-NOT-LOG" not in served.log.read_text()
+    page.screenshot(path=str(tmp_path / "login-refused.png"))
+
+    log_in(page)
+    page.wait_for_selector("#dashboard", state="visible")
+    wait_text(page, "#status", "ready")
+    cookies = page.context.cookies()
+    assert [(c["name"], c["httpOnly"], c["sameSite"], c["path"]) for c in cookies] == [
+        ("tiergate_session", True, "Strict", "/admin")
+    ]
+    assert ADMIN_KEY not in cookies[0]["value"]
+    page.evaluate("window.__notReloaded = true")
+
+    # Requests sent with the SDK appear without a page reload: counts, chart lines, the table, the escalation.
+    upstream.plan("small", default=Behaviour(text="nope"))  # fails the regex: the cascade escalates to big
+    client = served.client(STATIC_KEY)
+    for _ in range(3):
+        client.chat.completions.create(model="auto", messages=HELLO)  # type: ignore[arg-type]
+    answer = client.chat.completions.create(model="direct", messages=HELLO)  # type: ignore[arg-type]
+    wait_text(page, "#count-requests", "4")
+    page.wait_for_selector('#chart-models polyline[data-series="auto"]', state="attached")
+    page.wait_for_selector('#chart-tiers polyline[data-series="big"]', state="attached")
+    wait_text(page, "#legend-models", "auto (3)")
+    wait_text(page, "#requests tbody", "small:invalid_output,big:ok")
+    assert page.locator("#requests tbody tr").count() == 4
+    wait_text(page, "#escalation-rate", "100%")
+    wait_text(page, "#reasons tbody", "invalid_output")
+    wait_text(page, "#backends tbody", "small")
+    assert page.text_content("#money-saved") != ""
+    assert page.evaluate("window.__notReloaded") is True
+
+    # Click a request: its trace.
+    page.click(f'#requests tbody tr[data-id="{answer.id}"]')
+    wait_text(page, "#trace", answer.id)
+    assert '"backend": "big"' in (page.text_content("#trace") or "")
+    page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+
+    # Reload the policy from the page: a new entry in the history.
+    page.click("#reload")
+    wait_text(page, "#reload-result", "reloaded")
+    wait_text(page, "#history tbody", "api")
+
+    # An invalid policy: refused, its error shown with the line.
+    page.fill("#policy-text", INVALID)
+    page.click("#policy-apply")
+    page.wait_for_selector('#policy-errors li[data-line="6"]')
+    shown = page.text_content("#policy-errors") or ""
+    assert "unknown backend 'nosuch'" in shown and "line 6:     cascade: [big, nosuch]" in shown
+    page.screenshot(path=str(tmp_path / "invalid-policy.png"), full_page=True)
+
+    # CSRF: the session cookie alone does not change anything.
+    refused = page.evaluate(
+        "fetch('/admin/policy/reload', {method: 'POST', credentials: 'same-origin'}).then(r => r.status)"
+    )
+    assert refused == 403
+
+
+def test_keys_created_and_revoked_on_the_page_and_a_backend_disabled(
+    page: playwright_api.Page, served: Server, upstream: UpstreamServer, tmp_path: Path
+) -> None:
+    log_in(page)
+    page.wait_for_selector("#dashboard", state="visible")
+    page.fill("#key-name", "browser-key")
+    page.fill("#key-team", "web")
+    page.fill("#key-rpm", "100")
+    page.fill("#key-budget", "5")
+    page.click("#key-create")
+    page.wait_for_selector("#key-new", state="visible")
+    plain = page.text_content("#key-plain") or ""
+    assert plain.startswith("tg-")
+    wait_text(page, "#keys tbody", "browser-key")
+    row = page.locator("#keys tbody tr", has_text="browser-key")
+    assert "$5.000000/day" in (row.text_content() or "") or "$5.00/day" in (row.text_content() or "")
+
+    upstream.plan("small", default=Behaviour(text="Hello small"))
+    client = served.client(plain)
+    assert client.chat.completions.create(model="auto", messages=HELLO).choices[0].message.content == "Hello small"  # type: ignore[arg-type]
+
+    row.locator("button", has_text="Revoke").click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#keys tbody tr')].some(r => r.textContent.includes('browser-key') "
+        "&& r.textContent.includes('revoked'))",
+        timeout=WAIT_MS,
+    )
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model="auto", messages=HELLO)  # type: ignore[arg-type]
+
+    # Disable a backend: a policy change (a new version), and the cascade goes on with its other tier.
+    before = page.text_content("#policy-version") or ""
+    page.locator("#backends tbody tr", has_text="small").locator("button", has_text="Disable").click()
+    wait_text(page, "#backends tbody", "disabled: enabled: false in the policy")
+    page.wait_for_function(
+        "(before) => document.querySelector('#policy-version').textContent !== before", arg=before, timeout=WAIT_MS
+    )
+    answered = served.client(STATIC_KEY).chat.completions.create(model="auto", messages=HELLO)  # type: ignore[arg-type]
+    assert answered.choices[0].message.content == "Hello from the upstream"  # big answered: small is off
+    page.locator("#backends tbody tr", has_text="small").locator("button", has_text="Enable").click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#backends tbody tr')].some(r => r.cells[0].textContent === 'small' "
+        "&& r.cells[1].textContent === 'ready')",
+        timeout=WAIT_MS,
+    )
+    page.screenshot(path=str(tmp_path / "keys.png"), full_page=True)
