@@ -76,6 +76,20 @@ class CreateKey(BaseModel):
         return self.expires_at
 
 
+class UpdateKey(BaseModel):
+    """The body of PATCH /admin/keys/{id}: the fields given replace the key's own limits; null removes one."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    rpm: int | None = Field(None, ge=1, le=MAX_PER_MINUTE, description="Requests per minute (null: none).")
+    tpm: int | None = Field(None, ge=1, le=MAX_PER_MINUTE, description="Tokens per minute (null: none).")
+    budget_usd: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Spend per budget_period (null: none)."
+    )
+    budget_period: Period = Field("day", description="day or month (UTC calendar periods).")
+    max_concurrent: int | None = Field(None, ge=1, description="Requests in flight at once (null: no limit).")
+
+
 def check_models(requested: list[str], team: str, table: RoutingTable) -> None:
     """Models must be public models of the policy, and among the team's own when the policy restricts the team."""
     for index, model in enumerate(requested):
@@ -245,6 +259,20 @@ async def revoke_key(request: Request, store: Store) -> Response:
     return json_response(key_view(record))
 
 
+async def update_key(request: Request, store: Store) -> Response:
+    """Sets a key's own limits and budget; only the fields the body names change. Revoked keys stay revoked."""
+    record = await _found(store, request.path_params["key_id"])
+    table = gateway_of(request).table
+    body = parse(UpdateKey, await read_json(request, table.server.max_body_bytes))
+    if record.revoked_at is not None:
+        raise BadRequest(f"Key '{record.id}' is revoked", param="id", code="key_revoked")
+    changes = {name: getattr(body, name) for name in body.model_fields_set}
+    record = replace(record, **changes)
+    await store.put_key(record)
+    gateway_of(request).known_keys.forget(record.key_hash)  # this replica applies the new limits at once
+    return json_response(key_view(record))
+
+
 async def spend(request: Request, store: Store) -> Response:
     """GET /admin/spend?scope=key:ID|team:T[&period=day|month]: this period's spent and held dollars."""
     scope = request.query_params.get("scope", "")
@@ -311,6 +339,7 @@ def admin_routes() -> list[Route]:
         ("GET", "/admin/keys", list_keys),
         ("GET", "/admin/keys/{key_id}", get_key),
         ("DELETE", "/admin/keys/{key_id}", revoke_key),
+        ("PATCH", "/admin/keys/{key_id}", update_key),
         ("GET", "/admin/spend", spend),
         ("GET", "/admin/usage", usage_report),
     ]

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -162,6 +163,19 @@ def test_keys_created_and_revoked_on_the_page_and_a_backend_disabled(
     wait_text(page, "#keys tbody", "browser-key")
     row = page.locator("#keys tbody tr", has_text="browser-key")
     assert "$5.000000/day" in (row.text_content() or "") or "$5.00/day" in (row.text_content() or "")
+
+    # Its limits and budget, set on the page (PATCH /admin/keys/{id}).
+    row.locator("button", has_text="Limits").click()
+    page.fill("#limits-rpm", "7")
+    page.fill("#limits-budget", "")
+    page.click("#limits-save")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#keys tbody tr')].some(r => r.textContent.includes('browser-key') "
+        "&& r.cells[4].textContent === '7' && r.cells[6].textContent === '-')",
+        timeout=WAIT_MS,
+    )
+    found = httpx.get(f"{served.url}/admin/keys", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
+    assert [(key["rpm"], key["budget_usd"]) for key in found if key["name"] == "browser-key"] == [(7, None)]
 
     upstream.plan("small", default=Behaviour(text="Hello small"))
     client = served.client(plain)

@@ -163,3 +163,20 @@ def test_logout_ends_the_session_and_the_page_has_strict_headers() -> None:
 def test_enabled_false_disables_a_backend_in_the_compiled_table() -> None:
     table = table_from(POLICY.replace("big: {", "big: {enabled: false, ", 1))
     assert table.disabled == {"big": "enabled: false in the policy"}
+
+
+def test_patch_sets_a_keys_limits_and_null_removes_one() -> None:
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    with app_client() as client:
+        made = client.post("/admin/keys", json={"name": "k", "team": "t", "rpm": 5, "budget_usd": 2}, headers=admin)
+        key_id = made.json()["id"]
+        changed = client.patch(f"/admin/keys/{key_id}", json={"rpm": 9, "budget_usd": None}, headers=admin)
+        assert changed.status_code == 200, changed.text
+        assert (changed.json()["rpm"], changed.json()["budget_usd"], changed.json()["name"]) == (9, None, "k")
+        refused = client.patch(f"/admin/keys/{key_id}", json={"rpm": 0}, headers=admin)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "rpm"
+        unknown = client.patch(f"/admin/keys/{key_id}", json={"team": "other"}, headers=admin)
+        assert unknown.status_code == 400
+        client.delete(f"/admin/keys/{key_id}", headers=admin)
+        revoked = client.patch(f"/admin/keys/{key_id}", json={"rpm": 3}, headers=admin)
+        assert revoked.status_code == 400 and revoked.json()["error"]["code"] == "key_revoked"

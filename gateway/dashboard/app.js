@@ -237,9 +237,12 @@ function renderKeys(keys) {
     const revoke = el("button", "Revoke", { type: "button" });
     revoke.disabled = key.revoked_at !== null;
     revoke.addEventListener("click", () => revokeKey(key.id));
+    const edit = el("button", "Limits", { type: "button" });
+    edit.disabled = key.revoked_at !== null;
+    edit.addEventListener("click", () => editLimits(key));
     const budget = key.budget_usd === null ? "-" : `${usd(key.budget_usd)}/${key.budget_period}`;
     return row([key.id, key.name, key.team, key.prefix, key.rpm ?? "-", key.tpm ?? "-", budget,
-      key.revoked_at ? "revoked" : "active", revoke]);
+      key.revoked_at ? "revoked" : "active", edit, revoke]);
   }));
 }
 
@@ -356,6 +359,26 @@ async function createKey(event) {
   refresh();
 }
 
+function editLimits(key) {
+  $("limits-id").textContent = key.id;
+  $("limits-rpm").value = key.rpm ?? "";
+  $("limits-tpm").value = key.tpm ?? "";
+  $("limits-budget").value = key.budget_usd ?? "";
+  $("limits-period").value = key.budget_period;
+  $("limits-form").hidden = false;
+}
+
+async function saveLimits(event) {
+  event.preventDefault();
+  const value = (id) => ($(id).value.trim() === "" ? null : Number($(id).value)); // empty: no limit of its own
+  const body = { rpm: value("limits-rpm"), tpm: value("limits-tpm"), budget_usd: value("limits-budget"),
+    budget_period: $("limits-period").value };
+  const result = await api("PATCH", "/admin/keys/" + encodeURIComponent($("limits-id").textContent), body);
+  $("key-error").textContent = result.ok ? "" : errorText(result);
+  if (result.ok) $("limits-form").hidden = true;
+  refresh();
+}
+
 async function revokeKey(id) {
   const result = await api("DELETE", "/admin/keys/" + encodeURIComponent(id));
   $("key-error").textContent = result.ok ? "" : errorText(result);
@@ -373,6 +396,7 @@ document.addEventListener("DOMContentLoaded", async () => {
     if (file) $("policy-text").value = await file.text();
   });
   $("key-form").addEventListener("submit", createKey);
+  $("limits-form").addEventListener("submit", saveLimits);
   const session = await api("GET", "/admin/session");
   if (session.ok) showDashboard(session.data); else showLogin();
 });
