@@ -3,6 +3,7 @@ GET /admin/summary, the one view the page needs that no other admin endpoint giv
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -117,7 +118,8 @@ async def summary(request: Request, store: Store) -> Response:
     gateway = gateway_of(request)
     runtime = gateway.runtime
     traces = await gateway.traces.read(traces_store(runtime), runtime.table.server.traces)
-    found = summarize(traces, time.time(), BUCKET_S, BUCKETS).to_json()
+    # ~2.4 ms per 1000 traces (server.traces may keep 100000: ~240 ms): off the event loop.
+    found = (await asyncio.to_thread(summarize, traces, time.time(), BUCKET_S, BUCKETS)).to_json()
     health: Health = request.app.state.health
     details = health.details(runtime, health.readiness(runtime))
     tiers = {name: route.candidates() for name, route in runtime.table.routes.items() if route.kind == "cascade"}
