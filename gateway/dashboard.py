@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from backends.errors import AuthenticationFailed, BadRequest, PermissionDenied
+from backends.errors import AuthenticationFailed, NotFound, PermissionDenied, TiergateError
 from gateway.admin import admin_endpoint
 from gateway.health import Health
 from gateway.http import error_response, json_response, read_json
@@ -59,7 +59,7 @@ def dashboard_routes() -> list[Route]:
     async def static(request: Request) -> Response:
         name = request.path_params["name"]
         if name not in MEDIA or name == "index.html":
-            return error_response(BadRequest(f"no dashboard asset '{name}'", code="not_found"))
+            return error_response(NotFound(f"no dashboard asset '{name}'", code="not_found"))
         return asset(name)
 
     async def login(request: Request) -> Response:
@@ -70,7 +70,7 @@ def dashboard_routes() -> list[Route]:
             )
         try:
             body = await read_json(request, LOGIN_BODY_BYTES)
-        except BadRequest as error:
+        except TiergateError as error:  # not JSON, too large
             return error_response(error)
         sent = body.get("key")
         if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), admin_key.encode()):
