@@ -23,6 +23,7 @@ class Latency:
     errors: int
     p50_s: float
     p95_s: float
+    tokens_per_s: float  # completion tokens over seconds of its successful calls (0 without any)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,8 @@ def summarize(traces: Sequence[Trace], now: float, bucket_s: float = 10.0, bucke
     `now`, aligned to multiples of `bucket_s` so that successive polls see the same buckets."""
     seconds: dict[str, list[float]] = {}
     failed: Counter[str] = Counter()
+    generated: Counter[str] = Counter()  # completion tokens of successful calls
+    busy: dict[str, float] = {}  # their seconds
     reasons: Counter[str] = Counter()
     by_team: dict[str, list[tuple[float, float]]] = {}
     by_model: dict[str, list[tuple[float, float]]] = {}
@@ -116,6 +119,9 @@ def summarize(traces: Sequence[Trace], now: float, bucket_s: float = 10.0, bucke
             backend = str(attempt.get("backend", ""))
             seconds.setdefault(backend, []).append(float(attempt.get("seconds", 0.0)))
             failed[backend] += bool(attempt.get("error_code"))
+            if attempt.get("ok"):
+                generated[backend] += int(attempt.get("completion_tokens", 0))
+                busy[backend] = busy.get(backend, 0.0) + float(attempt.get("seconds", 0.0))
         if trace.get("route") == "cascade":
             cascaded += 1
             moved = escalations(attempts)
@@ -135,8 +141,13 @@ def summarize(traces: Sequence[Trace], now: float, bucket_s: float = 10.0, bucke
     latency = {}
     for backend, values in sorted(seconds.items()):
         values.sort()
+        rate = generated[backend] / busy[backend] if busy.get(backend) else 0.0
         latency[backend] = Latency(
-            len(values), failed[backend], round(percentile(values, 0.5), 6), round(percentile(values, 0.95), 6)
+            len(values),
+            failed[backend],
+            round(percentile(values, 0.5), 6),
+            round(percentile(values, 0.95), 6),
+            round(rate, 2),
         )
     return Summary(
         requests=len(traces),

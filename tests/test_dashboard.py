@@ -104,21 +104,24 @@ def test_login_live_panels_trace_reload_invalid_policy_and_csrf(
     page.evaluate("window.__notReloaded = true")
 
     # Requests sent with the SDK appear without a page reload: counts, chart lines, the table, the escalation.
-    upstream.plan("small", default=Behaviour(text="nope"))  # fails the regex: the cascade escalates to big
+    # The first two answers of small fail the regex (the cascade escalates to big), the next three pass.
+    upstream.plan("small", Behaviour(text="nope"), Behaviour(text="nope"), default=Behaviour(text="Hello small"))
     client = served.client(STATIC_KEY)
-    for _ in range(3):
+    for _ in range(5):
         client.chat.completions.create(model="auto", messages=HELLO)  # type: ignore[arg-type]
     answer = client.chat.completions.create(model="direct", messages=HELLO)  # type: ignore[arg-type]
-    wait_text(page, "#count-requests", "4")
+    wait_text(page, "#count-requests", "6")
     page.wait_for_selector('#chart-models polyline[data-series="auto"]', state="attached")
-    page.wait_for_selector('#chart-tiers polyline[data-series="big"]', state="attached")
-    wait_text(page, "#legend-models", "auto (3)")
+    page.wait_for_selector('#chart-tiers polyline[data-series="small"]', state="attached")
+    wait_text(page, "#legend-models", "auto (5)")
+    wait_text(page, "#legend-tiers", "big (3)")
     wait_text(page, "#requests tbody", "small:invalid_output,big:ok")
-    assert page.locator("#requests tbody tr").count() == 4
-    wait_text(page, "#escalation-rate", "100%")
+    assert page.locator("#requests tbody tr").count() == 6
+    wait_text(page, "#escalation-rate", "40%")
     wait_text(page, "#reasons tbody", "invalid_output")
     wait_text(page, "#backends tbody", "small")
-    assert page.text_content("#money-saved") != ""
+    saved = float((page.text_content("#money-saved") or "$0").lstrip("$"))
+    assert saved > 0  # three answers from small at a fiftieth of big's price outweigh two escalations
     assert page.evaluate("window.__notReloaded") is True
 
     # Click a request: its trace.

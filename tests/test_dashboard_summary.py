@@ -62,7 +62,7 @@ def test_summary_counts_latency_money_and_buckets() -> None:
             NOW - 5,
             "auto",
             "red",
-            [attempt("smol", 0.2, escalation="invalid_output"), attempt("big", 1.0)],
+            [attempt("smol", 0.2, escalation="invalid_output"), attempt("big", 1.0, ok=True, completion_tokens=40)],
             cost_usd=0.03,
             saved_usd=0.0,
         ),
@@ -86,6 +86,8 @@ def test_summary_counts_latency_money_and_buckets() -> None:
     assert found.latency["smol"].calls == 4 and found.latency["smol"].p50_s == 0.2
     assert found.latency["smol"].p95_s == 0.6
     assert (found.latency["big"].calls, found.latency["big"].errors, found.latency["big"].p95_s) == (2, 1, 2.0)
+    assert found.latency["big"].tokens_per_s == 40.0  # 40 tokens in its one successful second; the failure not counted
+    assert found.latency["smol"].tokens_per_s == 0.0  # no successful call reported tokens
     red = found.teams["red"]
     assert (red.requests, red.cost_usd, red.top_tier_usd, red.saved_usd) == (2, 0.031, 0.06, 0.029)
     assert found.models["auto"].requests == 4 and found.models["direct"].requests == 1

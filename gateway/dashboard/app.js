@@ -50,7 +50,11 @@ function fill(tableId, rows) {
   body.replaceChildren(...rows);
 }
 
-const usd = (value) => "$" + Number(value || 0).toFixed(value >= 1 ? 2 : 6);
+const usd = (value) => {
+  const amount = Number(value || 0);
+  if (amount !== 0 && Math.abs(amount) < 1e-6) return "$" + amount.toExponential(2); // a local tier's fraction of a cent
+  return "$" + amount.toFixed(Math.abs(amount) >= 1 ? 2 : 6);
+};
 const ms = (seconds) => (Number(seconds || 0) * 1000).toFixed(1) + " ms";
 
 // --- login ---
@@ -194,13 +198,13 @@ function renderSummary(summary) {
   const names = [...new Set([...Object.keys(summary.backends), ...Object.keys(summary.latency)])].sort();
   fill("backends", names.map((name) => {
     const status = summary.backends[name] || { state: "not in the policy now" };
-    const latency = summary.latency[name] || { calls: 0, errors: 0, p50_s: 0, p95_s: 0 };
+    const latency = summary.latency[name] || { calls: 0, errors: 0, p50_s: 0, p95_s: 0, tokens_per_s: 0 };
     const circuit = summary.circuits[name];
     const toggle = el("button", String(status.state).startsWith("disabled") ? "Enable" : "Disable", { type: "button" });
     toggle.dataset.backend = name;
     toggle.addEventListener("click", () => toggleBackend(name, toggle.textContent === "Enable"));
     return row([name, status.state, typeof circuit === "string" ? circuit : circuit ? (circuit.state || JSON.stringify(circuit)) : "closed", latency.calls,
-      latency.errors, ms(latency.p50_s), ms(latency.p95_s), figuresOf(status), toggle]);
+      latency.errors, ms(latency.p50_s), ms(latency.p95_s), latency.tokens_per_s.toFixed(1), figuresOf(status), toggle]);
   }));
 }
 
