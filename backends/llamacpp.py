@@ -182,6 +182,11 @@ class LlamaCppBackend:
 
     async def aclose(self) -> None:
         self._ready = False
+        # In a thread: waiting for a decode still running (a retired model's last stream) and killing the compile
+        # process must not hold the event loop, which serves the other models meanwhile.
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
         self._executor.shutdown(wait=True)
         if self._constraints is not None:
             self._constraints.close()
