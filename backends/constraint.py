@@ -29,7 +29,7 @@ from backends.schema_check import (
 )
 from backends.schema_regex import JSON_OBJECT_DEPTH, json_object_regex, schema_regex, walk_schema
 
-Kind = Literal["json_schema", "json_object", "regex", "choice"]
+Kind = Literal["json_schema", "json_object", "regex", "choice", "tool_calls"]
 
 MAX_SCHEMA_BYTES = 16_384
 MAX_SCHEMA_DEPTH = 10  # subschemas inside subschemas
@@ -62,6 +62,10 @@ class Constraint:
             return json_object_regex(JSON_OBJECT_DEPTH)
         if self.kind == "regex":
             return _unanchored(self.spec)
+        if self.kind == "tool_calls":
+            from backends.tool_constraint import tool_calls_regex  # it builds on this module
+
+            return tool_calls_regex(self.spec, self.param)
         if self.kind == "choice":
             return "(" + "|".join(re.escape(choice) for choice in self.spec) + ")"
         return schema_regex(self.spec, self.param)
@@ -80,6 +84,8 @@ class Constraint:
                 raise _violated(self.param, reason) from None
             if not matched:
                 raise _violated(self.param, f"{_clip(text)} does not match the pattern")
+            return
+        if self.kind == "tool_calls":  # judged per call by the router's tool validator (router/tool_validator.py)
             return
         if self.kind == "choice":
             if text not in self.spec:

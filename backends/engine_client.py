@@ -22,6 +22,7 @@ from backends.constraint import constraint_from_request
 from backends.errors import BackendUnavailable, InternalError, TiergateError
 from backends.llamacpp import LlamaCppSettings
 from backends.protocol import ChatRequest
+from backends.tool_constraint import check_tools_safe
 
 STATUS_EVERY_S = 1.0  # how fresh /readyz's view of the engine is
 CONNECT_TIMEOUT_S = 2.0
@@ -37,7 +38,7 @@ class EngineBackend:
         self.socket_path = socket_path
         self.load_timeout_s = load_timeout_s
         self.capabilities = Capabilities(
-            streaming=True, json_schema=True, logprobs=settings.logprobs, tools=False, max_context=settings.n_ctx
+            streaming=True, json_schema=True, logprobs=settings.logprobs, tools=True, max_context=settings.n_ctx
         )
         self.price = settings.price.price()
         self._session: aiohttp.ClientSession | None = None
@@ -138,6 +139,7 @@ class EngineBackend:
         """What can be refused without the model (the engine checks token ids against the vocabulary too)."""
         if isinstance(request, ChatRequest):
             translate.check_chat(request, self.name, logprobs=self.settings.logprobs)
+            check_tools_safe(request)
         else:
             translate.check_completion(request, self.name, logprobs=self.settings.logprobs)
         constraint_from_request(request)

@@ -25,6 +25,9 @@ from backends.llamacpp_decode import Finish, Piece, decode
 from backends.model_files import check_gguf, resolve
 from backends.protocol import ChatRequest, CompletionRequest
 from backends.settings import BackendSection, ModelSourceSettings, PriceSettings, StrictSettings
+from backends.tool_constraint import check_tools_safe, constraint_for, mode_of
+from backends.tool_output import ToolStream, message_of
+from backends.tool_prompt import chat_messages, completion_text, template_messages, tools_active
 
 
 class SamplingDefaults(StrictSettings):
@@ -78,7 +81,7 @@ class LlamaCppBackend:
         self.name = name
         self.settings = settings
         self.capabilities = Capabilities(
-            streaming=True, json_schema=True, logprobs=settings.logprobs, tools=False, max_context=settings.n_ctx
+            streaming=True, json_schema=True, logprobs=settings.logprobs, tools=True, max_context=settings.n_ctx
         )
         self.price = settings.price.price()
         self.fingerprint = ""
@@ -87,6 +90,7 @@ class LlamaCppBackend:
         self._ready = False  # set last by _load: the model is loaded and constrained decoding proved to work
         self._load_error: str | None = None
         self._chat_formatter: Any = None
+        self._template_has_tools = False  # the GGUF's template renders `tools` itself
         self._gate = FifoGate(name, settings.max_queue)
         self._sampled_tokens = 0  # lifetime count, shown by /readyz; proves a cancelled decode stopped
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
@@ -139,6 +143,7 @@ class LlamaCppBackend:
                 raise BackendUnavailable(
                     f"backend '{self.name}': {path.name} has no chat template; use prompt_format: completion"
                 )
+            self._template_has_tools = "tools" in template
             model = self._llama._model
             eos, bos = self._llama.token_eos(), self._llama.token_bos()
             self._chat_formatter = Jinja2ChatFormatter(
@@ -196,6 +201,7 @@ class LlamaCppBackend:
     def check(self, request: GenerationRequest) -> None:
         if isinstance(request, ChatRequest):
             translate.check_chat(request, self.name, logprobs=self.settings.logprobs)
+            check_tools_safe(request)
         else:
             translate.check_completion(request, self.name, logprobs=self.settings.logprobs)
         if self._llama is not None:
@@ -214,10 +220,11 @@ class LlamaCppBackend:
         llama = self._llama
         if isinstance(request, ChatRequest):
             if self._chat_formatter is not None:
-                rendered = self._chat_formatter(messages=translate.template_messages(request.messages)).prompt
+                rendered = self._render_chat(request)
                 tokens: list[int] = llama.tokenize(rendered.encode("utf-8"), add_bos=False, special=True)
             else:
-                text = translate.completion_prompt(request.messages)
+                tools = tools_active(request)
+                text = completion_text(request) if tools else translate.completion_prompt(request.messages)
                 tokens = llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
         elif isinstance(prompt, list):
             tokens = list(prompt)
@@ -230,6 +237,15 @@ class LlamaCppBackend:
                 param="messages" if isinstance(request, ChatRequest) else "prompt",
             )
         return tokens
+
+    def _render_chat(self, request: ChatRequest) -> str:
+        formatter = self._chat_formatter
+        if not tools_active(request):
+            return str(formatter(messages=translate.template_messages(request.messages)).prompt)
+        if self._template_has_tools:
+            tools = [tool.model_dump(exclude_none=True) for tool in request.tools or []]
+            return str(formatter(messages=template_messages(request), tools=tools).prompt)
+        return str(formatter(messages=chat_messages(request)).prompt)
 
     async def _pieces(
         self, request: GenerationRequest, prompt: str | list[int] | None
@@ -268,7 +284,10 @@ class LlamaCppBackend:
                 raise BackendUnavailable(self._load_error)
             raise BackendUnavailable(f"backend '{self.name}' is not loaded yet", retry_after=5)
         processor: ConstrainedProcessor | None = None
-        if (constraint := constraint_from_request(request)) is not None:
+        constraint = constraint_from_request(request)
+        if constraint is None and isinstance(request, ChatRequest):
+            constraint = constraint_for(request)  # the call format the request's tools imply
+        if constraint is not None:
             # Before the gate and off the decode thread: a slow compile must not hold the model for others,
             # and a client that goes away cancels it (ConstraintCompiler.compile).
             processor = await self._constraints.compile(constraint)
@@ -332,6 +351,10 @@ class LlamaCppBackend:
         return "".join(parts), entries, finish
 
     def _chat_answer(self, request: ChatRequest, text: str, entries: list[Any], finish: Finish) -> Payload:
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        reason = finish.reason
+        if mode_of(request) != "none":
+            message, reason = message_of(text, finish.reason)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -341,9 +364,9 @@ class LlamaCppBackend:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "message": message,
                     "logprobs": translate.chat_logprobs(entries) if request.logprobs else None,
-                    "finish_reason": finish.reason,
+                    "finish_reason": reason,
                 }
             ],
             "usage": translate.usage(finish.prompt_tokens, finish.completion_tokens),
@@ -354,6 +377,7 @@ class LlamaCppBackend:
         prompt = None if chat else translate.prompts_of(request)[0]  # type: ignore[arg-type]
         frame = translate.StreamFrame(request, self.fingerprint, chat)
         opened = False
+        calls = ToolStream() if isinstance(request, ChatRequest) and mode_of(request) != "none" else None
         async for item in self._pieces(request, prompt):
             if not opened:
                 # Only now: queueing and prompt errors must reach the client as an HTTP status.
@@ -363,9 +387,17 @@ class LlamaCppBackend:
                 elif isinstance(request, CompletionRequest) and request.echo and isinstance(prompt, str):
                     yield frame.chunk(prompt, None, None)
             if isinstance(item, Finish):
-                yield frame.chunk({} if chat else "", item.reason, None)
+                reason = item.reason
+                if calls is not None:
+                    for delta in calls.flush():
+                        yield frame.chunk(delta, None, None)
+                    reason = "tool_calls" if calls.calls and item.reason == "stop" else reason
+                yield frame.chunk({} if chat else "", reason, None)
                 if request.include_usage():
                     yield frame.usage_chunk(translate.usage(item.prompt_tokens, item.completion_tokens))
+            elif calls is not None:
+                for delta in calls.feed(item.text):
+                    yield frame.chunk(delta, None, None)
             elif item.text or item.logprobs:
                 logprobs = None
                 if item.logprobs:

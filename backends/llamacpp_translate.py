@@ -11,8 +11,7 @@ from backends.llamacpp_decode import DecodeParams, TokenLogprob
 from backends.protocol import ChatRequest, CompletionRequest, Message
 
 UNSUPPORTED_CHAT_FIELDS = {
-    "tools": "tool calling",
-    "functions": "function calling",
+    "functions": "legacy function calling (send 'tools' instead)",
     "audio": "audio output",
     "web_search_options": "web search",
     "reasoning_effort": "reasoning effort (not a reasoning model)",
@@ -25,8 +24,6 @@ def check_chat(request: ChatRequest, backend: str, *, logprobs: bool) -> None:
     for name, what in UNSUPPORTED_CHAT_FIELDS.items():
         if getattr(request, name) is not None:
             raise Unsupported(f"backend '{backend}' does not support {what}", param=name)
-    if request.tool_choice not in (None, "none"):
-        raise Unsupported(f"backend '{backend}' does not support tool calling", param="tool_choice")
     if request.function_call not in (None, "none"):
         raise Unsupported(f"backend '{backend}' does not support function calling", param="function_call")
     if request.modalities is not None and request.modalities != ["text"]:
@@ -39,8 +36,11 @@ def check_chat(request: ChatRequest, backend: str, *, logprobs: bool) -> None:
             param="logprobs",
         )
     for index, message in enumerate(request.messages):
-        if message.role in ("tool", "function") or message.tool_calls:
-            raise Unsupported(f"backend '{backend}' does not support tool messages", param=f"messages[{index}]")
+        if message.role == "function" or message.function_call is not None:
+            raise Unsupported(
+                f"backend '{backend}' does not read legacy function messages (use tool_calls and 'tool' messages)",
+                param=f"messages[{index}]",
+            )
         if isinstance(message.content, list):
             for part_index, part in enumerate(message.content):
                 if part.get("type") != "text":

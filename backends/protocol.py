@@ -13,6 +13,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -21,6 +22,8 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+from backends.tool_types import FunctionTool, ToolChoice, check_tools, named_choice  # noqa: E402
+
 TIERGATE_OPTIONS = frozenset({"regex", "choices", "cache"})
 CACHE_MODES = ("default", "no-cache")
 StopSequences = StrictStr | Annotated[list[StrictStr], Field(min_length=0, max_length=4)] | None
@@ -177,8 +180,8 @@ class ChatRequest(SamplingParams):
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[Lenient] | None = None
-    tool_choice: StrictStr | dict[str, Any] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     functions: list[Lenient] | None = None
     function_call: StrictStr | dict[str, Any] | None = None
@@ -202,6 +205,22 @@ class ChatRequest(SamplingParams):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("'top_logprobs' needs 'logprobs' set to true")
         return self
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_within_limits(cls, tools: list[FunctionTool] | None) -> list[FunctionTool] | None:
+        return check_tools(tools)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_names_a_tool(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        tools = info.data.get("tools")
+        name = named_choice(choice)
+        if choice is not None and choice != "none" and not tools:
+            raise ValueError("a tool_choice other than 'none' needs 'tools'")
+        if name is not None and name not in {tool.function.name for tool in tools or []}:
+            raise ValueError(f"function '{name}' is not in 'tools'")
+        return choice
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
