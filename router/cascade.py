@@ -18,6 +18,8 @@ from router.learned import DifficultyLearner
 from router.outcomes import Outcome, OutcomeLog
 from router.table import Route
 from router.tiers import Next, after_error, plan_for, refusal
+from router.tool_validator import NAME as TOOL_VALIDATOR
+from router.tool_validator import calls_text
 from router.trace import Attempt, Escalation, Skip
 from router.validators import PASS, Context, Validator, Verdict, implied_by, judge, prompt_text
 
@@ -52,7 +54,10 @@ class Outcomes:
 def answer_text(payload: Payload) -> str:
     choice = payload["choices"][0]
     if "message" in choice:
-        return str(choice["message"].get("content") or "")
+        message = choice["message"]
+        if message.get("tool_calls") and not message.get("content"):
+            return calls_text(message["tool_calls"])
+        return str(message.get("content") or "")
     return str(choice.get("text") or "")
 
 
@@ -182,7 +187,8 @@ class Cascade:
                 break
             trail[-1].escalation = judged.escalation
             escalation = judged.escalation
-            escalates = escalation is Escalation.SELF_CONSISTENCY or escalation.value in settings.escalate_on
+            reason = "invalid_output" if escalation is Escalation.INVALID_TOOL_CALL else escalation.value
+            escalates = escalation is Escalation.SELF_CONSISTENCY or reason in settings.escalate_on
             if final or not escalates:
                 break
             if settings.repair_hint:
@@ -199,7 +205,10 @@ class Cascade:
 
     async def _judge(self, validators: list[Validator], payload: Payload, checks: Context) -> _Judged:
         verdict = await judge(validators, answer_text(payload), checks)
-        return _Judged(verdict, None if verdict.ok else Escalation.INVALID_OUTPUT)
+        if verdict.ok:
+            return _Judged(verdict, None)
+        tool_call = verdict.validator == TOOL_VALIDATOR
+        return _Judged(verdict, Escalation.INVALID_TOOL_CALL if tool_call else Escalation.INVALID_OUTPUT)
 
     def _confident(self, route: Route, tier: str, confidence: float) -> _Judged:
         assert route.settings is not None

@@ -10,6 +10,7 @@ class Escalation(StrEnum):
     """Why the cascade left a tier that answered (the policy's `escalate_on` values)."""
 
     INVALID_OUTPUT = "invalid_output"
+    INVALID_TOOL_CALL = "invalid_tool_call"  # escalates where invalid_output does
     LOW_CONFIDENCE = "low_confidence"
     SELF_CONSISTENCY = "self_consistency"
 

@@ -16,6 +16,7 @@ from typing import Any
 from backends.constraint import Constraint, Kind, constraint_from_request
 from backends.protocol import ChatRequest, CompletionRequest
 from router import validator_kinds as kinds
+from router.tool_validator import tool_validator
 from router.validator_kinds import PASS, Context, Validator, Verdict
 from router.validator_settings import ValidatorSettings
 
@@ -69,7 +70,9 @@ def validators_for(constraint: Constraint | None) -> list[Validator]:
 
 def implied_by(request: ChatRequest | CompletionRequest) -> list[Validator]:
     """What the request itself asks for; raises BadRequest for an unsafe or ambiguous constraint."""
-    return validators_for(constraint_from_request(request))
+    implied = validators_for(constraint_from_request(request))
+    tools = tool_validator(request) if isinstance(request, ChatRequest) else None
+    return implied if tools is None else [tools, *implied]
 
 
 def check(validators: Sequence[Validator], answer: str, context: Context) -> Verdict:
