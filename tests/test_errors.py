@@ -80,7 +80,7 @@ def test_invalid_chat_parameters_are_refused_by_name(gateway: Server, body: dict
     ("body", "param"),
     [
         ({"model": "smol", "messages": HELLO, "n": 2}, "n"),
-        ({"model": "smol", "messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"model": "smol", "messages": HELLO, "functions": [{"name": "f"}]}, "functions"),  # legacy: send tools
         ({"model": "smol", "messages": HELLO, "tool_choice": "required"}, "tool_choice"),
         ({"model": "smol", "messages": HELLO, "modalities": ["text", "audio"]}, "modalities"),
         ({"model": "smol", "messages": HELLO, "reasoning_effort": "high"}, "reasoning_effort"),
