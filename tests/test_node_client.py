@@ -23,3 +23,17 @@ def test_node_sdk_streams_a_chat_answer(gateway: Server) -> None:
     usage = result["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert 0 < usage["completion_tokens"] <= 16
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_node_sdk_assembles_a_streamed_tool_call(gateway: Server) -> None:
+    script = ROOT / "tests" / "node" / "tool_stream.mjs"
+    done = subprocess.run(
+        ["node", str(script), gateway.base_url, "smol"], capture_output=True, text=True, timeout=120, check=True
+    )
+    result = json.loads(done.stdout)
+    assert result["finish"] == "tool_calls"
+    (call,) = result["calls"]
+    assert call["id"].startswith("call_") and call["function"]["name"] == "get_time"
+    assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
+    assert result["argumentDeltas"] > 1  # arguments arrived in fragments, as decoded
