@@ -36,4 +36,5 @@ def test_node_sdk_assembles_a_streamed_tool_call(gateway: Server) -> None:
     (call,) = result["calls"]
     assert call["id"].startswith("call_") and call["function"]["name"] == "get_time"
     assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
-    assert result["argumentDeltas"] > 1  # arguments arrived in fragments, as decoded
+    # validated before it is sent (like response_format), so the router replays the checked call
+    assert result["argumentDeltas"] >= 1
