@@ -3,9 +3,10 @@
 Usage: .venv/bin/python bench/bfcl.py [--per-category N] [--out bench/results/bfcl.json]
 
 "Unconstrained" sends no `tools`: the functions are described in a system message and the calls parsed from the text
-(the best a client gets from a server without tool support). "Constrained" sends them as OpenAI `tools` with
-`tool_choice: auto`, so the local tier renders them and constrains the call. Scored by BFCL's own checker
-(bench/bfcl_data.py). Greedy decoding, one request at a time, same prompts for every row.
+(the best a client gets from a server without tool support). The tiergate rows send them as OpenAI `tools` with
+`tool_choice` `auto` (the model may answer in text) or `required` (a call is forced and constrained), so the local
+tier renders them and constrains the call; `required` is wrong by construction on the irrelevance category.
+Scored by BFCL's own checker (bench/bfcl_data.py). Greedy decoding, one request at a time, same prompts for every row.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ from bench.bfcl_data import CATEGORIES, Case, checker, load, score  # noqa: E402
 from tests.conftest import start_server, stop_server  # noqa: E402
 
 MAX_TOKENS = 160
-ROWS = (  # name shown, public model, tools sent as `tools`
-    ("SmolLM2, unconstrained (prompt only)", "smol", False),
-    ("Gemma 270M, unconstrained (prompt only)", "gemma", False),
-    ("SmolLM2, constrained (tiergate)", "smol", True),
-    ("Gemma 270M, constrained (tiergate)", "gemma", True),
-    ("cascade smol -> gemma (tiergate)", "auto", True),
+ROWS = (  # name shown, public model, tool_choice sent with `tools` (None: tools only described in the prompt)
+    ("SmolLM2, unconstrained (prompt only)", "smol", None),
+    ("Gemma 270M, unconstrained (prompt only)", "gemma", None),
+    ("SmolLM2, tiergate, tool_choice auto", "smol", "auto"),
+    ("Gemma 270M, tiergate, tool_choice auto", "gemma", "auto"),
+    ("cascade smol -> gemma, tool_choice auto", "auto", "auto"),
+    ("SmolLM2, tiergate, tool_choice required", "smol", "required"),
+    ("Gemma 270M, tiergate, tool_choice required", "gemma", "required"),
+    ("cascade smol -> gemma, tool_choice required", "auto", "required"),
 )
 PROMPT = (
     "You can call these functions:\n{functions}\n\nIf the request needs one or more of them, answer only with one "
@@ -96,11 +100,12 @@ def well_formed(case: Case, call: dict[str, Any]) -> bool:
     return False
 
 
-def ask(client: OpenAI, model: str, case: Case, with_tools: bool) -> tuple[list[dict[str, Any]], str]:
+def ask(client: OpenAI, model: str, case: Case, choice: str | None) -> tuple[list[dict[str, Any]], str]:
     messages = list(case.messages)
     extra: dict[str, Any] = {}
+    with_tools = choice is not None
     if with_tools:
-        extra = {"tools": case.tools, "tool_choice": "auto"}
+        extra = {"tools": case.tools, "tool_choice": choice}
     else:
         listing = json.dumps([tool["function"] for tool in case.tools], indent=1)
         messages = [{"role": "system", "content": PROMPT.format(functions=listing)}, *messages]
@@ -122,13 +127,13 @@ def ask(client: OpenAI, model: str, case: Case, with_tools: bool) -> tuple[list[
     return calls, raw.headers.get("x-tiergate-backend", "")
 
 
-def run_row(client: OpenAI, name: str, model: str, with_tools: bool, cases: list[Case], check: Any) -> Row:
+def run_row(client: OpenAI, name: str, model: str, choice: str | None, cases: list[Case], check: Any) -> Row:
     row = Row(name)
     for case in cases:
         row.total[case.category] += 1
         began = time.perf_counter()
         try:
-            calls, backend = ask(client, model, case, with_tools)
+            calls, backend = ask(client, model, case, choice)
         except Exception as error:  # an error is a wrong answer, counted and shown
             print(f"{name} {case.id}: {error}", file=sys.stderr)
             row.errors += 1
@@ -176,9 +181,9 @@ def main() -> int:
     try:
         client = server.client(timeout=300)
         rows = []
-        for name, model, with_tools in [row for row in ROWS if args.only in row[0]]:
+        for name, model, choice in [row for row in ROWS if args.only in row[0]]:
             began = time.perf_counter()
-            rows.append(run_row(client, name, model, with_tools, cases, check).table_row())
+            rows.append(run_row(client, name, model, choice, cases, check).table_row())
             print(f"{name}: {time.perf_counter() - began:.0f} s", file=sys.stderr)
     finally:
         stop_server(server)

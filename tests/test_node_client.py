@@ -5,19 +5,28 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT, Server
 
 
+def run_node(script: str, gateway: Server) -> Any:
+    """Run one of tests/node's scripts against the gateway's smol model; it prints one JSON object."""
+    done = subprocess.run(
+        ["node", str(ROOT / "tests" / "node" / script), gateway.base_url, "smol"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
 def test_node_sdk_streams_a_chat_answer(gateway: Server) -> None:
-    script = ROOT / "tests" / "node" / "stream.mjs"
-    done = subprocess.run(
-        ["node", str(script), gateway.base_url, "smol"], capture_output=True, text=True, timeout=120, check=True
-    )
-    result = json.loads(done.stdout)
+    result = run_node("stream.mjs", gateway)
     assert result["text"].strip()
     assert result["finish"] in ("stop", "length")
     usage = result["usage"]
@@ -27,11 +36,7 @@ def test_node_sdk_streams_a_chat_answer(gateway: Server) -> None:
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
 def test_node_sdk_assembles_a_streamed_tool_call(gateway: Server) -> None:
-    script = ROOT / "tests" / "node" / "tool_stream.mjs"
-    done = subprocess.run(
-        ["node", str(script), gateway.base_url, "smol"], capture_output=True, text=True, timeout=120, check=True
-    )
-    result = json.loads(done.stdout)
+    result = run_node("tool_stream.mjs", gateway)
     assert result["finish"] == "tool_calls"
     (call,) = result["calls"]
     assert call["id"].startswith("call_") and call["function"]["name"] == "get_time"
