@@ -18,12 +18,12 @@ from pydantic import (
     model_validator,
 )
 
+from backends.tool_types import FunctionTool, ToolChoice, check_tools, named_choice
+
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
-from backends.tool_types import FunctionTool, ToolChoice, check_tools, named_choice  # noqa: E402
-
 TIERGATE_OPTIONS = frozenset({"regex", "choices", "cache"})
 CACHE_MODES = ("default", "no-cache")
 StopSequences = StrictStr | Annotated[list[StrictStr], Field(min_length=0, max_length=4)] | None
