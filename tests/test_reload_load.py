@@ -151,7 +151,9 @@ def test_ten_reloads_and_two_model_swaps_under_load_drop_nothing(tmp_path: Path,
         time.sleep(1.0)
         by_file(policy(url, extra="  one: {backend: up}"))
         by_api(policy(url, extra="  two: {backend: up}"), put=True)
-        by_api(policy(url, model=GEMMA, extra="  two: {backend: up}"), put=True)  # swap: SmolLM2 -> Gemma
+        # swap: SmolLM2 -> Gemma. Watching is off while the next step writes the file for the API to reload:
+        # with it on, the watcher could reload the file first and the API would rightly answer "unchanged"
+        by_api(policy(url, model=GEMMA, watch=False, extra="  two: {backend: up}"), put=True)
         by_api(policy(url, model=GEMMA, extra="  three: {backend: local}"), put=False)
         by_file(policy(url, model=GEMMA, watch=False, extra="  four: {backend: up}"))
         by_sighup(policy(url, model=GEMMA, watch=False, extra="  five: {backend: up}"))
