@@ -186,11 +186,21 @@ def wants_fresh(cache_control: str) -> bool:
     return any(directive.strip().lower() == "no-cache" for directive in cache_control.split(","))
 
 
-async def _generation(request: Request, schema: type[ChatRequest] | type[CompletionRequest]) -> Response:
-    began = time.perf_counter()
+@dataclass
+class Served:
+    """One generation routed and run, for an endpoint to render in its API's shape: a whole answer (already
+    settled against limits and budgets) or a stream with `settle` to run after its last chunk."""
+
+    result: Answer | Stream
+    headers: dict[str, str]  # the x-tiergate-* and rate-limit headers
+    settle: Callable[[], Awaitable[None]]
+
+
+async def serve(request: Request, parsed: ChatRequest | CompletionRequest, began: float) -> Served:
+    """Route, admit and run a parsed request, for every API that speaks through the chat pipeline (chat,
+    completions, and the Responses and Messages translations): one pipeline, whatever the wire shape."""
     runtime: Runtime = request.state.runtime
     table = runtime.table
-    parsed = parse(schema, await read_json(request, table.server.max_body_bytes))
     request.state.model = parsed.model
     if table.server.log_prompts:
         request.state.prompt = prompt_text(parsed)
@@ -207,9 +217,7 @@ async def _generation(request: Request, schema: type[ChatRequest] | type[Complet
             raise
         request.state.stream = stream
         headers = {**transparency(stream, context, began), **admission.headers()}
-        response = EventStream(stream.first, stream.chunks, stream.deadline, headers)
-        response.settle = lambda: finish(runtime, admission, context, parsed.model, stream.costs)
-        return response
+        return Served(stream, headers, lambda: finish(runtime, admission, context, parsed.model, stream.costs))
     try:
         answer = await unless_disconnected(request.receive, engine.generate(runtime, parsed, context))
     except BaseException:
@@ -217,7 +225,24 @@ async def _generation(request: Request, schema: type[ChatRequest] | type[Complet
         raise
     request.state.answer = answer
     await finish(runtime, admission, context, parsed.model, answer.costs or Costs(tokens=_tokens(answer.payload)))
-    return json_response(answer.payload, headers={**transparency(answer, context, began), **admission.headers()})
+    return Served(answer, {**transparency(answer, context, began), **admission.headers()}, _settled)
+
+
+async def _settled() -> None:
+    """A whole answer was settled before it was rendered."""
+
+
+async def _generation(request: Request, schema: type[ChatRequest] | type[CompletionRequest]) -> Response:
+    began = time.perf_counter()
+    runtime: Runtime = request.state.runtime
+    parsed = parse(schema, await read_json(request, runtime.table.server.max_body_bytes))
+    served = await serve(request, parsed, began)
+    if isinstance(served.result, Stream):
+        stream = served.result
+        response = EventStream(stream.first, stream.chunks, stream.deadline, served.headers)
+        response.settle = served.settle
+        return response
+    return json_response(served.result.payload, headers=served.headers)
 
 
 def _tokens(payload: dict[str, Any]) -> int:
