@@ -16,6 +16,7 @@ from router.context import RequestContext
 from router.costs import Costs, Throughput, charge, settle_baseline, tokens_of
 from router.learned import DifficultyLearner
 from router.outcomes import Outcome, OutcomeLog
+from router.policy import EscalationReason
 from router.table import Route
 from router.tiers import Next, after_error, plan_for, refusal
 from router.tool_validator import NAME as TOOL_VALIDATOR
@@ -187,8 +188,7 @@ class Cascade:
                 break
             trail[-1].escalation = judged.escalation
             escalation = judged.escalation
-            reason = "invalid_output" if escalation is Escalation.INVALID_TOOL_CALL else escalation.value
-            escalates = escalation is Escalation.SELF_CONSISTENCY or reason in settings.escalate_on
+            escalates = escalation is Escalation.SELF_CONSISTENCY or _named(escalation, settings.escalate_on)
             if final or not escalates:
                 break
             if settings.repair_hint:
@@ -247,3 +247,10 @@ class Cascade:
             attempt = plan.attempts[-1]
             attempt.cost_usd = cost
             attempt.prompt_tokens, attempt.completion_tokens = tokens_of(usage)
+
+
+def _named(escalation: Escalation, escalate_on: list[EscalationReason]) -> bool:
+    """Whether `escalate_on` names this reason; a tool call that failed is an invalid output too."""
+    if escalation is Escalation.INVALID_TOOL_CALL and "invalid_output" in escalate_on:
+        return True
+    return escalation.value in escalate_on

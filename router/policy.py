@@ -212,7 +212,8 @@ class LimitSettings(Section):
     max_concurrent: int | None = Field(None, ge=1, description="Requests in flight at once.")
 
 
-EscalationReason = Literal["invalid_output", "low_confidence", "error", "predicted_hard"]
+# invalid_output: any validator failed, the implied tool-call validator included; invalid_tool_call: that one only
+EscalationReason = Literal["invalid_output", "invalid_tool_call", "low_confidence", "error", "predicted_hard"]
 DEFAULT_ESCALATION: tuple[EscalationReason, ...] = ("invalid_output", "error")
 
 

@@ -33,6 +33,12 @@ models:
   agents:
     cascade: [edge, smol]
     escalate_on: [invalid_output, error]
+  calls_only:
+    cascade: [edge, smol]
+    escalate_on: [invalid_tool_call]
+  errors_only:
+    cascade: [edge, smol]
+    escalate_on: [error]
 """
 
 WEATHER: dict[str, Any] = {
@@ -255,6 +261,15 @@ def test_an_invalid_call_escalates_to_the_next_tier(client: OpenAI) -> None:
     )
     assert raw.headers["x-tiergate-attempts"] == "edge:invalid_tool_call,smol:ok"
     _arguments(raw.parse().choices[0].message.tool_calls[0], WEATHER["function"]["parameters"])
+
+
+def test_escalate_on_names_invalid_tool_call_on_its_own(client: OpenAI) -> None:
+    for model, attempts in (("calls_only", "edge:invalid_tool_call,smol:ok"), ("errors_only", "edge:invalid_tool_call")):
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=60
+        )
+        assert raw.headers["x-tiergate-attempts"] == attempts, model
+    assert raw.headers["x-tiergate-validation"].startswith("failed; ")  # errors_only kept the invalid call
 
 
 def _refused(client: OpenAI, tools: list[Any], **extra: Any) -> openai.BadRequestError:
