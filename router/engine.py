@@ -218,7 +218,8 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
     validators = validators_of(route, request)
     if needs_buffering(route, validators):
         whole = request.model_copy(update={"stream": False, "stream_options": None})
-        passthrough = route.settings.stream_mode == "passthrough" and len(found.tiers) > 1
+        # passthrough: the last tier streams live, a model's only tier included (nothing is left to escalate to)
+        passthrough = route.settings.stream_mode == "passthrough"
         outcome = await cascade_of(runtime).run(
             route, found.tiers, found.fallbacks, whole, context, validators, passthrough, found.guide
         )

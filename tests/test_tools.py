@@ -30,6 +30,7 @@ backends:
   edge: {{type: openai, base_url: "{url}", model: edge, capabilities: {{tools: true}}}}
 models:
   smol: {{backend: smol}}
+  smol_live: {{backend: smol, stream_mode: passthrough}}
   agents:
     cascade: [edge, smol]
     escalate_on: [invalid_output, error]
@@ -255,6 +256,19 @@ def test_streamed_call_assembled_by_the_sdk_equals_the_whole_one(client: OpenAI)
     assert (streamed.function.name, streamed.function.arguments) == (whole.function.name, whole.function.arguments)
 
 
+def test_passthrough_streams_the_arguments_as_they_are_decoded(client: OpenAI) -> None:
+    kwargs: dict[str, Any] = dict(messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=60)
+    whole = client.chat.completions.create(model="smol", **kwargs).choices[0].message.tool_calls[0]
+    fragments: list[str] = []
+    with client.chat.completions.stream(model="smol_live", **kwargs) as stream:
+        for event in stream:
+            if event.type == "tool_calls.function.arguments.delta":
+                fragments.append(event.arguments_delta)
+        final = stream.get_final_completion()
+    assert len(fragments) > 3  # several pieces, not the buffered answer replayed in one
+    assert "".join(fragments) == whole.function.arguments == final.choices[0].message.tool_calls[0].function.arguments
+
+
 def test_an_invalid_call_escalates_to_the_next_tier(client: OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model="agents", messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=60
@@ -264,7 +278,8 @@ def test_an_invalid_call_escalates_to_the_next_tier(client: OpenAI) -> None:
 
 
 def test_escalate_on_names_invalid_tool_call_on_its_own(client: OpenAI) -> None:
-    for model, attempts in (("calls_only", "edge:invalid_tool_call,smol:ok"), ("errors_only", "edge:invalid_tool_call")):
+    expected = (("calls_only", "edge:invalid_tool_call,smol:ok"), ("errors_only", "edge:invalid_tool_call"))
+    for model, attempts in expected:
         raw = client.chat.completions.with_raw_response.create(
             model=model, messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=60
         )
