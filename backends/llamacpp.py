@@ -26,6 +26,7 @@ from backends.model_files import check_gguf, resolve
 from backends.protocol import ChatRequest, CompletionRequest
 from backends.settings import BackendSection, ModelSourceSettings, PriceSettings, StrictSettings
 from backends.tool_constraint import check_tools_safe, constraint_for, mode_of
+from backends.tool_decision import FirstDecision, call_start_tokens, vocabulary
 from backends.tool_output import ToolStream, message_of
 from backends.tool_prompt import chat_messages, completion_text, template_messages, tools_active
 
@@ -66,6 +67,13 @@ class LlamaCppSettings(BackendSection):
         ge=1,
         description="Constraint compiles admitted at once for this model (one runs, the rest wait); beyond: 503.",
     )
+    tool_call_threshold: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="tool_choice auto: answer with calls when the model's probability of beginning a call at the first "
+        "position is at least this, else in text; unset: the first token decides as sampled.",
+    )
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults, description="Defaults for sampling knobs.")
     price: PriceSettings = Field(default_factory=PriceSettings, description="What a token costs here.")
 
@@ -91,6 +99,7 @@ class LlamaCppBackend:
         self._load_error: str | None = None
         self._chat_formatter: Any = None
         self._template_has_tools = False  # the GGUF's template renders `tools` itself
+        self._call_start: Any = None  # ids of the tokens that begin a call, read on the first `auto` request
         self._gate = FifoGate(name, settings.max_queue)
         self._sampled_tokens = 0  # lifetime count, shown by /readyz; proves a cancelled decode stopped
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
@@ -268,8 +277,10 @@ class LlamaCppBackend:
                     max_tokens=self._max_tokens(_requested_tokens(request)),
                 )
                 if processor is not None:
-                    # first, so that logit_bias (appended by decode) cannot bring back forbidden tokens
-                    params = dataclasses.replace(params, logits_processors=(processor, *params.logits_processors))
+                    # first, so that logit_bias (appended by decode) cannot bring back forbidden tokens; the auto
+                    # decision before it, as it reads the model's own probabilities
+                    first = (self._decision(), processor) if decides else (processor,)
+                    params = dataclasses.replace(params, logits_processors=(*first, *params.logits_processors))
                 for item in decode(self._llama, tokens, params, stop_requested):
                     if processor is not None and isinstance(item, Finish):
                         processor.check()  # a failed processor ends the text early; say so instead
@@ -287,6 +298,7 @@ class LlamaCppBackend:
         constraint = constraint_from_request(request)
         if constraint is None and isinstance(request, ChatRequest):
             constraint = constraint_for(request)  # the call format the request's tools imply
+        decides = constraint is not None and constraint.kind == "tool_calls" and constraint.spec["mode"] == "auto"
         if constraint is not None:
             # Before the gate and off the decode thread: a slow compile must not hold the model for others,
             # and a client that goes away cancels it (ConstraintCompiler.compile).
@@ -304,6 +316,12 @@ class LlamaCppBackend:
                 # Tell the loop to stop (it checks between tokens) and keep the gate until it has.
                 cancel.set()
                 await asyncio.shield(job)
+
+    def _decision(self) -> FirstDecision:
+        """The `auto` call-or-text decision (backends/tool_decision.py); the vocabulary is read once, in the thread."""
+        if self._call_start is None:
+            self._call_start = call_start_tokens(vocabulary(self._llama))
+        return FirstDecision(self._call_start, self.settings.tool_call_threshold)
 
     # --- the Backend interface ---
 

