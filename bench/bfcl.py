@@ -37,6 +37,7 @@ ROWS = (  # name shown, public model, tool_choice sent with `tools` (None: tools
     ("SmolLM2, tiergate, tool_choice auto", "smol", "auto"),
     ("Gemma 270M, tiergate, tool_choice auto", "gemma", "auto"),
     ("cascade smol -> gemma, tool_choice auto", "auto", "auto"),
+    ("SmolLM2, tiergate, tool_choice auto, tool_call_threshold", "smol_decides", "auto"),
     ("SmolLM2, tiergate, tool_choice required", "smol", "required"),
     ("Gemma 270M, tiergate, tool_choice required", "gemma", "required"),
     ("cascade smol -> gemma, tool_choice required", "auto", "required"),
@@ -171,10 +172,11 @@ def markdown(rows: list[dict[str, Any]], per_category: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--per-category", type=int, default=20, help="first N cases of each category")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N cases of each category")
     parser.add_argument("--only", default="", help="run only the rows whose name contains this text")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bfcl.json"))
     args = parser.parse_args()
-    cases, check = load(args.per_category), checker()
+    cases, check = load(args.per_category, args.skip), checker()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     server = start_server(ROOT / "bench" / "bfcl.yaml", out.parent / "bfcl-gateway.log")
@@ -187,7 +189,9 @@ def main() -> int:
             print(f"{name}: {time.perf_counter() - began:.0f} s", file=sys.stderr)
     finally:
         stop_server(server)
-    print(f"BFCL v4 (bfcl-eval 2026.3.23), first {args.per_category} cases of each category, greedy, 2-core CPU\n")
+    last = args.skip + args.per_category
+    chosen = f"cases {args.skip + 1}-{last}" if args.skip else f"first {args.per_category} cases"
+    print(f"BFCL v4 (bfcl-eval 2026.3.23), {chosen} of each category, greedy, 2-core CPU\n")
     print(markdown(rows, args.per_category))
     out.write_text(json.dumps({"per_category": args.per_category, "rows": rows}, indent=2))
     print(f"\nwrote {out}")

@@ -69,7 +69,8 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def load(per_category: int) -> list[Case]:
+def load(per_category: int, skip: int = 0) -> list[Case]:
+    """The cases `skip` to `skip + per_category` of each category, in BFCL's order."""
     data = ensure_installed()
     cases = []
     for category in CATEGORIES:
@@ -77,7 +78,7 @@ def load(per_category: int) -> list[Case]:
         answer_file = data / "possible_answer" / f"BFCL_v4_{category}.json"
         if answer_file.exists():
             answers = {row["id"]: row["ground_truth"] for row in _read(answer_file)}
-        for row in _read(data / f"BFCL_v4_{category}.json")[:per_category]:
+        for row in _read(data / f"BFCL_v4_{category}.json")[skip : skip + per_category]:
             tools = [{"type": "function", "function": {"name": tool_name(f["name"]), "description": f["description"],
                                                        "parameters": json_schema(f["parameters"])}}
                      for f in row["function"]]
