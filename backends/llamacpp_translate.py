@@ -128,7 +128,7 @@ def decode_params(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=request.top_p if request.top_p is not None else defaults["top_p"],
-        top_k=defaults["top_k"],
+        top_k=(request.tiergate or {}).get("top_k", defaults["top_k"]),
         min_p=defaults["min_p"],
         repeat_penalty=defaults["repeat_penalty"],
         presence_penalty=request.presence_penalty or 0.0,
