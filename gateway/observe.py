@@ -21,6 +21,8 @@ OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "text_completion",
     "/v1/embeddings": "embeddings",
+    "/v1/messages": "chat",  # Anthropic's Messages: a chat, as OpenTelemetry names the operation
+    "/v1/messages/count_tokens": "count_tokens",
 }
 
 
