@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import jsonschema
 import pytest
 
 from tests.conftest import ROOT, Server, serving
+from tests.test_node_client import run_node
 from tests.upstream import Behaviour, UpstreamServer
 
 KEY = "sk-messages-test"
@@ -201,6 +203,17 @@ def test_errors_are_the_sdks_classes(gateway: Server, client: anthropic.Anthropi
         "type": "error",
         "error": {"type": "invalid_request_error", "message": "Missing required parameter: 'max_tokens'"},
     }
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_node_sdk_assembles_a_streamed_tool_use(gateway: Server) -> None:
+    result = run_node("messages_tool_stream.mjs", gateway, KEY)
+    assert result["stopReason"] == "tool_use"
+    (call,) = result["calls"]
+    assert call["id"].startswith("toolu_") and call["name"] == "get_time"
+    jsonschema.validate(call["input"], TIME_TOOL["input_schema"])
+    assert json.loads(result["joined"]) == call["input"]
+    assert result["usage"]["input_tokens"] > 0 and result["usage"]["output_tokens"] > 0
 
 
 # --- a cascade and a remote upstream ---
