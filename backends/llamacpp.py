@@ -402,6 +402,7 @@ class LlamaCppBackend:
                     "message": message,
                     "logprobs": translate.chat_logprobs(entries) if request.logprobs else None,
                     "finish_reason": reason,
+                    **({"stop_reason": finish.stop_sequence} if finish.stop_sequence is not None else {}),
                 }
             ],
             "usage": translate.usage(finish.prompt_tokens, finish.completion_tokens),
@@ -427,7 +428,7 @@ class LlamaCppBackend:
                     for delta in calls.flush():
                         yield frame.chunk(delta, None, None)
                     reason = "tool_calls" if calls.calls and item.reason == "stop" else reason
-                yield frame.chunk({} if chat else "", reason, None)
+                yield frame.chunk({} if chat else "", reason, None, item.stop_sequence)
                 if request.include_usage():
                     yield frame.usage_chunk(translate.usage(item.prompt_tokens, item.completion_tokens))
             elif calls is not None:

@@ -195,8 +195,12 @@ class StreamFrame:
             "system_fingerprint": fingerprint,
         }
 
-    def chunk(self, delta: Any, finish_reason: str | None, logprobs: Any) -> dict[str, Any]:
+    def chunk(
+        self, delta: Any, finish_reason: str | None, logprobs: Any, stop_sequence: str | None = None
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+        if stop_sequence is not None:
+            choice["stop_reason"] = stop_sequence  # vLLM's field: which stop sequence ended the answer
         choice["delta" if self.chat else "text"] = delta
         payload: dict[str, Any] = {**self.base, "choices": [choice]}
         if self.with_usage:

@@ -53,14 +53,15 @@ async def messages(request: Request) -> Response:
     served = await serve(request, parsed, began)
     if isinstance(served.result, Stream):
         stream = served.result
-        state = MessagesStream(translate.message_id(stream.first.get("id")), asked.model)
+        state = MessagesStream(translate.message_id(stream.first.get("id")), asked.model, asked.stop_sequences)
         start, *after = state.opening()
         response = EventStream(
             start, _after(after, events(state, stream.first, stream.chunks)), stream.deadline, served.headers, FRAMING
         )
         response.settle = served.settle
         return response
-    return json_response(translate.message(served.result.payload, asked.model), headers=served.headers)
+    answer = translate.message(served.result.payload, asked.model, asked.stop_sequences)
+    return json_response(answer, headers=served.headers)
 
 
 async def _after(opening: list[Payload], rest: AsyncIterator[Payload]) -> AsyncIterator[Payload]:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from backends.base import Payload
-from gateway.messages_translate import stop_reason, tool_use_id, usage
+from gateway.messages_translate import stop_of, tool_use_id, usage
 
 Event = dict[str, Any]
 
@@ -19,13 +19,15 @@ Event = dict[str, Any]
 class MessagesStream:
     """The state of one Messages stream: which block is open, the finish reason and usage seen so far."""
 
-    def __init__(self, message_id: str, model: str) -> None:
+    def __init__(self, message_id: str, model: str, stop_sequences: list[str] | None = None) -> None:
         self.message_id = message_id
         self.model = model
+        self.stop_sequences = stop_sequences
         self._blocks = 0  # content blocks opened so far; the open one is the last
         self._open: str | None = None  # "text" or "tool_use"
         self._call_index: int | None = None  # the chat tool_calls index the open tool_use block is
         self._finish: Any = None
+        self._matched: Any = None  # the stop sequence the tier says ended the answer
         self._usage: Any = None
 
     def opening(self) -> list[Event]:
@@ -56,16 +58,17 @@ class MessagesStream:
                 events.extend(self._call(call))
             if choice.get("finish_reason") is not None:
                 self._finish = choice["finish_reason"]
+                self._matched = choice.get("stop_reason")
         return events
 
     def closing(self) -> list[Event]:
         events = self._close_block()
-        counted = usage(self._usage)
+        reason, sequence = stop_of(self._finish, self._matched, self.stop_sequences)
         events.append(
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": stop_reason(self._finish), "stop_sequence": None},
-                "usage": counted,
+                "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                "usage": usage(self._usage),
             }
         )
         events.append({"type": "message_stop"})

@@ -152,8 +152,12 @@ def tool_use_id(call_id: Any) -> str:
     return "toolu_" + text.removeprefix("call_") if text.startswith("call_") else text
 
 
-def stop_reason(finish_reason: Any) -> str:
-    return STOP_REASONS.get(str(finish_reason), "end_turn")
+def stop_of(finish_reason: Any, matched: Any, stop_sequences: list[str] | None) -> tuple[str, str | None]:
+    """Anthropic's stop_reason and stop_sequence. Which stop sequence ended an answer comes from the tier: local
+    tiers (and vLLM) name it in the choice's `stop_reason`; a tier that does not say gives end_turn."""
+    if finish_reason == "stop" and isinstance(matched, str) and matched in (stop_sequences or []):
+        return "stop_sequence", matched
+    return STOP_REASONS.get(str(finish_reason), "end_turn"), None
 
 
 def arguments_object(arguments: Any, name: str) -> dict[str, Any]:
@@ -175,7 +179,7 @@ def usage(chat_usage: Any) -> dict[str, int]:
     }
 
 
-def message(payload: dict[str, Any], model: str) -> dict[str, Any]:
+def message(payload: dict[str, Any], model: str, stop_sequences: list[str] | None = None) -> dict[str, Any]:
     """A chat.completion as Anthropic's message: text and tool_use blocks, stop_reason, usage."""
     choice = (payload.get("choices") or [{}])[0]
     said = choice.get("message") or {}
@@ -193,14 +197,15 @@ def message(payload: dict[str, Any], model: str) -> dict[str, Any]:
                 "input": arguments_object(function.get("arguments"), name),
             }
         )
+    reason, sequence = stop_of(choice.get("finish_reason"), choice.get("stop_reason"), stop_sequences)
     return {
         "id": message_id(payload.get("id")),
         "type": "message",
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": stop_reason(choice.get("finish_reason")),
-        "stop_sequence": None,
+        "stop_reason": reason,
+        "stop_sequence": sequence,
         "usage": usage(payload.get("usage")),
     }
 

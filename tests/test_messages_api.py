@@ -119,6 +119,16 @@ def test_streamed_text_equals_the_whole_answer(client: anthropic.Anthropic) -> N
     assert {"content_block_start", "text", "content_block_stop", "message_delta"} <= set(kinds)
 
 
+def test_a_stop_sequence_is_named(client: anthropic.Anthropic) -> None:
+    kwargs: dict[str, Any] = dict(model="smol", max_tokens=16, messages=HELLO, stop_sequences=[",", "!"], **GREEDY)
+    whole = client.messages.create(**kwargs)
+    with client.messages.stream(**kwargs) as stream:
+        final = stream.get_final_message()
+    for message in (whole, final):
+        assert message.stop_reason == "stop_sequence" and message.stop_sequence in (",", "!")
+        assert "," not in _text(message) and "!" not in _text(message)
+
+
 def test_tool_use_round_trip(client: anthropic.Anthropic) -> None:
     first = client.messages.create(
         model="smol", max_tokens=40, tools=[TIME_TOOL], tool_choice={"type": "any"}, messages=ASK_TIME, **GREEDY

@@ -174,6 +174,13 @@ def test_a_whole_answer_becomes_a_message() -> None:
     for finish, reason in (("stop", "end_turn"), ("length", "max_tokens"), ("content_filter", "refusal")):
         answer = translate.message(_chat_answer({"role": "assistant", "content": "x"}, finish), "smol")
         assert answer["stop_reason"] == reason
+    stopped = _chat_answer({"role": "assistant", "content": "x"}, "stop")
+    stopped["choices"][0]["stop_reason"] = "END"
+    assert (
+        translate.message(stopped, "m", ["END"])["stop_reason"],
+        translate.message(stopped, "m", ["END"])["stop_sequence"],
+    ) == ("stop_sequence", "END")
+    assert translate.message(stopped, "m", ["OTHER"])["stop_reason"] == "end_turn"  # only the request's own
     broken = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}
     with pytest.raises(UpstreamError):
         translate.message(
