@@ -227,6 +227,14 @@ class MessagesRequest(Prompt):
     stream: StrictBool = Field(False, description="Answer as server-sent events.")
     service_tier: Literal["auto", "standard_only"] | None = Field(None, description="Accepted and ignored.")
 
+    @model_validator(mode="after")
+    def _no_prefill(self) -> MessagesRequest:
+        # A chat template closes every assistant turn: the answer would be a new turn, not the continuation
+        # Anthropic's prefill promises, so it is refused rather than answered differently.
+        if self.messages[-1].role == "assistant":
+            raise ValueError("a last 'assistant' turn (prefill) is not supported by tiergate; end with a user turn")
+        return self
+
 
 class CountTokensRequest(Prompt):
     """count_tokens takes the prompt only (no max_tokens, no sampling)."""

@@ -119,6 +119,15 @@ def test_streamed_text_equals_the_whole_answer(client: anthropic.Anthropic) -> N
     assert {"content_block_start", "text", "content_block_stop", "message_delta"} <= set(kinds)
 
 
+def test_top_k_one_samples_the_greedy_answer(client: anthropic.Anthropic) -> None:
+    client.messages.create(model="smol", max_tokens=12, messages=HELLO, **GREEDY)  # the same cache state for both
+    greedy = client.messages.create(model="smol", max_tokens=12, messages=HELLO, **GREEDY)
+    sampled = client.messages.create(
+        model="smol", max_tokens=12, messages=HELLO, extra_body={"temperature": 1, "top_k": 1}
+    )
+    assert _text(sampled) == _text(greedy)
+
+
 def test_a_stop_sequence_is_named(client: anthropic.Anthropic) -> None:
     kwargs: dict[str, Any] = dict(model="smol", max_tokens=16, messages=HELLO, stop_sequences=[",", "!"], **GREEDY)
     whole = client.messages.create(**kwargs)

@@ -140,6 +140,9 @@ def test_unsupported_features_are_refused_by_name() -> None:
     with pytest.raises(BadRequest) as caught:
         parse(MessagesRequest, {"model": "smol", "messages": [{"role": "user", "content": "hi"}]})
     assert caught.value.message == "Missing required parameter: 'max_tokens'"
+    assert "(prefill) is not supported" in refusal(
+        messages=[{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "The answer is"}]
+    )
     assert "cannot hold 'tool_use'" in refusal(
         messages=[{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "x", "input": {}}]}]
     )
@@ -273,3 +276,10 @@ def test_streamed_call_fragments_join_to_exactly_the_arguments(cuts: tuple[int, 
 )
 def test_errors_in_anthropics_shape(error: TiergateError, kind: str) -> None:
     assert translate.error_body(error) == {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+@pytest.mark.parametrize("top_k", [-1, True, 2.5])
+def test_top_k_is_a_whole_number_of_tokens(top_k: Any) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], "tiergate": {"top_k": top_k}})
+    assert caught.value.param == "tiergate" and "'top_k' must be a whole number" in caught.value.message
