@@ -30,9 +30,11 @@ backends:
   smol: {smol}
   edge: {{type: openai, base_url: "{url}", model: edge-model}}
   flaky: {{type: openai, base_url: "{url}", model: flaky-model}}
+  caller: {{type: openai, base_url: "{url}", model: caller-model, capabilities: {{tools: true}}}}
 models:
   smol: {{backend: smol}}
   remote: {{backend: edge}}
+  remote-tools: {{backend: caller}}
   cascade:
     cascade: [flaky, smol]
     escalate_on: [error]
@@ -268,6 +270,29 @@ def test_relayed_to_a_remote_upstream(client: anthropic.Anthropic, upstream: Ups
         pieces = list(stream.text_stream)
         final = stream.get_final_message()
     assert pieces == ["Hello ", "from ", "the ", "upstream"] and final.usage.output_tokens == 4
+
+
+def test_a_remote_tiers_tool_call_whole_and_streamed(client: anthropic.Anthropic, upstream: UpstreamServer) -> None:
+    arguments = '{"city": "Rome"}'
+    upstream.plan("caller-model", default=Behaviour(tool_call={"name": "get_time", "arguments": arguments}))
+    kwargs: dict[str, Any] = dict(
+        model="remote-tools", max_tokens=30, tools=[TIME_TOOL], tool_choice={"type": "any"}, messages=ASK_TIME
+    )
+    whole = client.messages.create(**kwargs)
+    assert whole.stop_reason == "tool_use"
+    assert [(block.type, block.id, block.name, block.input) for block in whole.content] == [
+        ("tool_use", "toolu_upstream1", "get_time", {"city": "Rome"})
+    ]
+    sent = upstream.last_request().body
+    assert sent["tool_choice"] == "required" and sent["tools"][0]["function"]["parameters"] == TIME_TOOL["input_schema"]
+    fragments: list[str] = []
+    with client.messages.stream(**kwargs) as stream:
+        for event in stream:
+            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                fragments.append(event.delta.partial_json)
+        final = stream.get_final_message()
+    assert "".join(fragments) == arguments and final.content[0].input == {"city": "Rome"}  # type: ignore[union-attr]
+    assert final.stop_reason == "tool_use"
 
 
 def test_remote_failures_in_anthropics_shape(client: anthropic.Anthropic, upstream: UpstreamServer) -> None:
