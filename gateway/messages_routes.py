@@ -8,8 +8,10 @@ gateway/messages_stream.py). The key may come in `x-api-key` (Anthropic's SDKs) 
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
+from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -41,6 +43,8 @@ def anthropic_error(error: TiergateError) -> Response:
     return json_response(translate.error_body(error), error.status, error.headers())
 
 
+T = TypeVar("T")
+OFF_LOOP_BLOCKS = 64  # turns plus content blocks beyond which a request is validated in a thread
 ANTHROPIC = Dialect(anthropic_credentials, anthropic_error)
 FRAMING = NamedFraming(error_event=translate.error_body)
 
@@ -48,39 +52,53 @@ FRAMING = NamedFraming(error_event=translate.error_body)
 async def messages(request: Request) -> Response:
     began = time.perf_counter()
     runtime: Runtime = request.state.runtime
-    asked = parse(MessagesRequest, await read_json(request, runtime.table.server.max_body_bytes))
-    parsed = parse(ChatRequest, translate.generation_fields(asked))
+    body = await read_json(request, runtime.table.server.max_body_bytes)
+    asked, parsed = await _off_loop_if_long(_generation_request, body)
     served = await serve(request, parsed, began)
     if isinstance(served.result, Stream):
         stream = served.result
         state = MessagesStream(translate.message_id(stream.first.get("id")), asked.model, asked.stop_sequences)
-        start, *after = state.opening()
-        response = EventStream(
-            start, _after(after, events(state, stream.first, stream.chunks)), stream.deadline, served.headers, FRAMING
-        )
+        rest = events(state, stream.first, stream.chunks)
+        response = EventStream(state.opening(), rest, stream.deadline, served.headers, FRAMING)
         response.settle = served.settle
         return response
     answer = translate.message(served.result.payload, asked.model, asked.stop_sequences)
     return json_response(answer, headers=served.headers)
 
 
-async def _after(opening: list[Payload], rest: AsyncIterator[Payload]) -> AsyncIterator[Payload]:
-    try:
-        for event in opening:
-            yield event
-        async for event in rest:
-            yield event
-    finally:
-        aclose = getattr(rest, "aclose", None)
-        if aclose is not None:
-            await aclose()
+def _generation_request(body: Payload) -> tuple[MessagesRequest, ChatRequest]:
+    asked = parse(MessagesRequest, body)
+    return asked, parse(ChatRequest, translate.generation_fields(asked))
+
+
+def _count_request(body: Payload) -> ChatRequest:
+    return parse(ChatRequest, translate.chat_fields(parse(CountTokensRequest, body)))
+
+
+async def _off_loop_if_long(work: Callable[[Payload], T], body: Payload) -> T:
+    """Validating and translating a long conversation is CPU work (a 1 MiB body of small blocks takes 1-2 s on
+    a busy core): off the event loop beyond a few dozen blocks; a short one stays on it, where a thread hop
+    would cost more than the work."""
+    if _blocks(body) > OFF_LOOP_BLOCKS:
+        return await asyncio.to_thread(work, body)
+    return work(body)
+
+
+def _blocks(body: Payload) -> int:
+    turns = body.get("messages")
+    if not isinstance(turns, list):
+        return 0
+    return sum(
+        1 + (len(turn["content"]) if isinstance(turn, dict) and isinstance(turn.get("content"), list) else 0)
+        for turn in turns
+    )
 
 
 async def count(request: Request) -> Response:
     """The prompt's input tokens by the tokenizer of the model's first tier that has one (local tiers)."""
     runtime: Runtime = request.state.runtime
-    asked = parse(CountTokensRequest, await read_json(request, runtime.table.server.max_body_bytes))
-    parsed = parse(ChatRequest, translate.chat_fields(asked))
+    body = await read_json(request, runtime.table.server.max_body_bytes)
+    parsed = await _off_loop_if_long(_count_request, body)
     request.state.model = parsed.model
     context: RequestContext = request.state.context
     check_model(runtime.table, context.caller, parsed.model)

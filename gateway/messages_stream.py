@@ -30,7 +30,7 @@ class MessagesStream:
         self._matched: Any = None  # the stop sequence the tier says ended the answer
         self._usage: Any = None
 
-    def opening(self) -> list[Event]:
+    def opening(self) -> Event:
         """message_start (its usage is the input count as far as known: 0; message_delta has the real one)."""
         message: Event = {
             "id": self.message_id,
@@ -42,7 +42,7 @@ class MessagesStream:
             "stop_sequence": None,
             "usage": {"input_tokens": 0, "output_tokens": 0},
         }
-        return [{"type": "message_start", "message": message}, {"type": "ping"}]
+        return {"type": "message_start", "message": message}
 
     def feed(self, chunk: Payload) -> list[Event]:
         events: list[Event] = []
@@ -115,8 +115,10 @@ class MessagesStream:
 
 
 async def events(state: MessagesStream, first: Payload, rest: AsyncIterator[Payload]) -> AsyncIterator[Event]:
-    """The events after message_start and ping for a chat stream (its first chunk already produced)."""
+    """The events after message_start for a chat stream (its first chunk already produced): a ping, as Anthropic
+    sends one, then the blocks and the closing events."""
     try:
+        yield {"type": "ping"}
         for event in state.feed(first):
             yield event
         async for chunk in rest:

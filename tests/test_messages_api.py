@@ -185,6 +185,9 @@ def test_count_tokens_is_what_the_answer_counts(client: anthropic.Anthropic) -> 
         assert counted.input_tokens == answered.usage.input_tokens > 0
         counts.append(counted.input_tokens)
     assert counts[1] > counts[0]  # the tools and the system prompt are counted
+    turns = [{"role": role, "content": "ok"} for _ in range(40) for role in ("user", "assistant")]
+    long = client.messages.count_tokens(model="smol", messages=[*turns, *ASK_TIME])  # validated off the loop
+    assert long.input_tokens > counts[0] + 80
 
 
 def test_the_key_in_authorization_bearer_works_too(gateway: Server) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ from backends.protocol import ChatRequest
 from gateway import messages_translate as translate
 from gateway.http import parse
 from gateway.messages_schema import MessagesRequest
-from gateway.messages_stream import MessagesStream
+from gateway.messages_stream import MessagesStream, events
 
 TOOL = {
     "name": "get_time",
@@ -200,11 +202,17 @@ def _chunk(delta: dict[str, Any] | None = None, finish: str | None = None, usage
 
 
 def _run(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events exactly as the endpoint sends them: message_start, then what `events` yields."""
     state = MessagesStream("msg_abc", "smol")
-    out = state.opening()
-    for chunk in chunks:
-        out.extend(state.feed(chunk))
-    return out + state.closing()
+
+    async def collect() -> list[dict[str, Any]]:
+        async def rest() -> AsyncIterator[dict[str, Any]]:
+            for chunk in chunks[1:]:
+                yield chunk
+
+        return [state.opening(), *[event async for event in events(state, chunks[0], rest())]]
+
+    return asyncio.run(collect())
 
 
 def test_a_text_stream_as_events() -> None:
