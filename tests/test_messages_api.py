@@ -33,6 +33,7 @@ backends:
   caller: {{type: openai, base_url: "{url}", model: caller-model, capabilities: {{tools: true}}}}
 models:
   smol: {{backend: smol}}
+  smol-live: {{backend: smol, stream_mode: passthrough}}
   remote: {{backend: edge}}
   remote-tools: {{backend: caller}}
   cascade:
@@ -175,6 +176,23 @@ def test_streamed_tool_use_is_assembled_to_the_whole_calls_input(client: anthrop
     (expected,) = [block for block in whole.content if block.type == "tool_use"]
     assert final.stop_reason == "tool_use" and streamed.name == expected.name
     assert streamed.input == expected.input == json.loads("".join(fragments))
+
+
+def test_a_live_tool_stream_relays_the_fragments_as_decoded(client: anthropic.Anthropic) -> None:
+    """stream_mode passthrough: the call is not buffered for the validator, so its arguments arrive in pieces."""
+    kwargs: dict[str, Any] = dict(
+        model="smol-live", max_tokens=40, tools=[TIME_TOOL], tool_choice={"type": "any"}, messages=ASK_TIME, **GREEDY
+    )
+    fragments: list[str] = []
+    with client.messages.stream(**kwargs) as stream:
+        for event in stream:
+            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                fragments.append(event.delta.partial_json)
+        final = stream.get_final_message()
+    (streamed,) = [block for block in final.content if block.type == "tool_use"]
+    assert len(fragments) > 1 and json.loads("".join(fragments)) == streamed.input
+    jsonschema.validate(streamed.input, TIME_TOOL["input_schema"])
+    assert final.stop_reason == "tool_use" and streamed.id.startswith("toolu_")
 
 
 def test_count_tokens_is_what_the_answer_counts(client: anthropic.Anthropic) -> None:
