@@ -30,7 +30,7 @@ backends:
   smol: {smol}
   edge: {{type: openai, base_url: "{url}", model: edge-model}}
   flaky: {{type: openai, base_url: "{url}", model: flaky-model}}
-  caller: {{type: openai, base_url: "{url}", model: caller-model, capabilities: {{tools: true}}}}
+  caller: {{type: openai, base_url: "{url}", model: caller-model, capabilities: {{tools: true, max_context: 200000}}}}
 models:
   smol: {{backend: smol}}
   smol-live: {{backend: smol, stream_mode: passthrough}}
@@ -291,6 +291,40 @@ def test_relayed_to_a_remote_upstream(client: anthropic.Anthropic, upstream: Ups
         pieces = list(stream.text_stream)
         final = stream.get_final_message()
     assert pieces == ["Hello ", "from ", "the ", "upstream"] and final.usage.output_tokens == 4
+
+
+def test_a_claude_code_shaped_request_is_taken(gateway: Server, upstream: UpstreamServer) -> None:
+    """What a coding agent sends: Bearer auth, beta headers, system blocks and tools with cache_control, a
+    metadata user id, a large max_tokens, a stream; relayed as a plain chat request."""
+    body = {
+        "model": "remote-tools",
+        "max_tokens": 32000,
+        "temperature": 1,
+        "stream": True,
+        "metadata": {"user_id": "user_abc_account_def_session_ghi"},
+        "system": [
+            {"type": "text", "text": "You are a coding agent.", "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": "Be careful.", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+        ],
+        "tools": [{**TIME_TOOL, "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}
+        ],
+    }
+    headers = {
+        "authorization": f"Bearer {KEY}",
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+    }
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/messages?beta=true", headers=headers, json=body, timeout=30
+    ) as response:
+        assert response.status_code == 200, response.read()
+        kinds = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event: ")]
+    assert kinds[:2] == ["message_start", "ping"] and kinds[-2:] == ["message_delta", "message_stop"]
+    sent = upstream.last_request().body
+    assert sent["messages"][0] == {"role": "system", "content": "You are a coding agent.\n\nBe careful."}
+    assert "user" not in sent and "metadata" not in sent and "cache_control" not in json.dumps(sent)
 
 
 def test_a_remote_tiers_tool_call_whole_and_streamed(client: anthropic.Anthropic, upstream: UpstreamServer) -> None:
