@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from backends.protocol import Strict
+from backends.tool_types import TOOL_NAME_PATTERN
 
 # Block and tool kinds Anthropic has that no tier here can honour: refused with their name, not as a parse error.
 UNSUPPORTED_BLOCKS = frozenset(
@@ -124,7 +125,7 @@ class MessageParam(Strict):
 
 class Tool(Strict):
     type: Literal["custom"] | None = Field(None, description="A client tool (the only kind tiergate runs).")
-    name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")] = Field(description="The tool's name.")
+    name: Annotated[StrictStr, Field(pattern=TOOL_NAME_PATTERN)] = Field(description="The tool's name.")
     description: StrictStr | None = Field(None, description="What the tool does, shown to the model.")
     input_schema: dict[str, Any] = Field(description="JSON Schema of the input object.")
     cache_control: CacheControl | None = Field(None, description="Accepted and ignored.")
