@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from backends.protocol import ChatRequest, CompletionRequest
 
@@ -20,6 +20,7 @@ class Capabilities:
     logprobs: bool = False
     tools: bool = False
     max_context: int = 2048
+    count_tokens: bool = False  # implements TokenCounter: can say how many tokens a chat prompt is
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,14 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Free weights, threads and connections."""
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """A backend that knows its tokenizer (`Capabilities.count_tokens`): Anthropic's count_tokens asks it."""
+
+    async def count_tokens(self, request: ChatRequest) -> int:
+        """The prompt tokens `request` would take, exactly as an answer's usage would count them."""
 
 
 class Embedder(Protocol):

@@ -38,7 +38,12 @@ class EngineBackend:
         self.socket_path = socket_path
         self.load_timeout_s = load_timeout_s
         self.capabilities = Capabilities(
-            streaming=True, json_schema=True, logprobs=settings.logprobs, tools=True, max_context=settings.n_ctx
+            streaming=True,
+            json_schema=True,
+            logprobs=settings.logprobs,
+            tools=True,
+            max_context=settings.n_ctx,
+            count_tokens=True,
         )
         self.price = settings.price.price()
         self._session: aiohttp.ClientSession | None = None
@@ -157,6 +162,14 @@ class EngineBackend:
             async for kind, value in lines:
                 if kind == "chunk":
                     yield value
+
+    async def count_tokens(self, request: ChatRequest) -> int:
+        """The engine's model counts (its tokenizer and chat template are there)."""
+        async with contextlib.aclosing(self._exchange("count", request)) as lines:
+            async for kind, value in lines:
+                if kind == "answer":
+                    return int(value["input_tokens"])
+        raise InternalError(f"backend '{self.name}': the engine process did not count")
 
     async def _exchange(self, path: str, request: GenerationRequest) -> AsyncGenerator[tuple[str, Any], None]:
         """The engine's lines for one request; its error line is raised here as the error it was there."""

@@ -89,7 +89,12 @@ class LlamaCppBackend:
         self.name = name
         self.settings = settings
         self.capabilities = Capabilities(
-            streaming=True, json_schema=True, logprobs=settings.logprobs, tools=True, max_context=settings.n_ctx
+            streaming=True,
+            json_schema=True,
+            logprobs=settings.logprobs,
+            tools=True,
+            max_context=settings.n_ctx,
+            count_tokens=True,
         )
         self.price = settings.price.price()
         self.fingerprint = ""
@@ -225,7 +230,25 @@ class LlamaCppBackend:
             return cap
         return requested if cap is None else min(requested, cap)
 
+    async def count_tokens(self, request: ChatRequest) -> int:
+        """The rendered prompt's tokens, as `usage.prompt_tokens` counts them. In a thread of its own, not the
+        decode thread: tokenizing only reads the vocabulary, and must not wait behind a whole generation."""
+        if not self._ready:
+            raise BackendUnavailable(f"backend '{self.name}' is not loaded yet", retry_after=5)
+        self.check(request)
+        return len(await asyncio.to_thread(self._prompt_tokens, request, None))
+
     def _tokens_for(self, request: GenerationRequest, prompt: str | list[int] | None) -> list[int]:
+        tokens = self._prompt_tokens(request, prompt)
+        if len(tokens) >= self.settings.n_ctx:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.settings.n_ctx} tokens. "
+                f"However, your prompt is {len(tokens)} tokens long.",
+                param="messages" if isinstance(request, ChatRequest) else "prompt",
+            )
+        return tokens
+
+    def _prompt_tokens(self, request: GenerationRequest, prompt: str | list[int] | None) -> list[int]:
         llama = self._llama
         if isinstance(request, ChatRequest):
             if self._chat_formatter is not None:
@@ -239,12 +262,6 @@ class LlamaCppBackend:
             tokens = list(prompt)
         else:
             tokens = llama.tokenize((prompt or "").encode("utf-8"), add_bos=True, special=False)
-        if len(tokens) >= self.settings.n_ctx:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.settings.n_ctx} tokens. "
-                f"However, your prompt is {len(tokens)} tokens long.",
-                param="messages" if isinstance(request, ChatRequest) else "prompt",
-            )
         return tokens
 
     def _render_chat(self, request: ChatRequest) -> str:
@@ -385,6 +402,7 @@ class LlamaCppBackend:
                     "message": message,
                     "logprobs": translate.chat_logprobs(entries) if request.logprobs else None,
                     "finish_reason": reason,
+                    **({"stop_reason": finish.stop_sequence} if finish.stop_sequence is not None else {}),
                 }
             ],
             "usage": translate.usage(finish.prompt_tokens, finish.completion_tokens),
@@ -410,7 +428,7 @@ class LlamaCppBackend:
                     for delta in calls.flush():
                         yield frame.chunk(delta, None, None)
                     reason = "tool_calls" if calls.calls and item.reason == "stop" else reason
-                yield frame.chunk({} if chat else "", reason, None)
+                yield frame.chunk({} if chat else "", reason, None, item.stop_sequence)
                 if request.include_usage():
                     yield frame.usage_chunk(translate.usage(item.prompt_tokens, item.completion_tokens))
             elif calls is not None:

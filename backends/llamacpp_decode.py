@@ -70,6 +70,7 @@ class Finish:
     reason: str  # "stop", "length" or "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    stop_sequence: str | None = None  # the request's stop sequence that ended the answer (reason "stop")
 
 
 def complete_utf8_prefix(data: bytes) -> int:
@@ -122,7 +123,8 @@ def decode(
     n_ctx = llama.n_ctx()
     room = n_ctx - len(prompt_tokens)
     limit = room if params.max_tokens is None else min(params.max_tokens, room)
-    stops = tuple(stop.encode("utf-8") for stop in params.stop if stop)
+    named = tuple(stop for stop in params.stop if stop)
+    stops = tuple(stop.encode("utf-8") for stop in named)
     processors = list(params.logits_processors)
     if params.logit_bias:
         processors.append(_bias_processor(dict(params.logit_bias)))
@@ -148,6 +150,7 @@ def decode(
     )
     reason = "length"
     stopped_by_sequence = False
+    matched: str | None = None
     try:
         for token in tokens:
             if cancelled():
@@ -164,6 +167,7 @@ def decode(
             if cut < len(text):
                 yield Piece(text[emitted:cut].decode("utf-8", errors="replace"), pending_logprobs)
                 reason, stopped_by_sequence = "stop", True
+                matched = next(name for name, stop in zip(named, stops, strict=True) if text.find(stop) == cut)
                 break
             safe = complete_utf8_prefix(text[: len(text) - held_back_for_stop(text, stops)])
             if safe > emitted or pending_logprobs:
@@ -179,7 +183,7 @@ def decode(
         tail = llama.detokenize(completion, prev_tokens=prompt_tokens)[emitted:]
         if tail:
             yield Piece(tail.decode("utf-8", errors="replace"))
-    yield Finish(reason, len(prompt_tokens), len(completion))
+    yield Finish(reason, len(prompt_tokens), len(completion), matched)
 
 
 def _first_stop(text: bytes, stops: tuple[bytes, ...]) -> int:

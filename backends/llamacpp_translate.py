@@ -128,7 +128,7 @@ def decode_params(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=request.top_p if request.top_p is not None else defaults["top_p"],
-        top_k=defaults["top_k"],
+        top_k=(request.tiergate or {}).get("top_k", defaults["top_k"]),
         min_p=defaults["min_p"],
         repeat_penalty=defaults["repeat_penalty"],
         presence_penalty=request.presence_penalty or 0.0,
@@ -195,8 +195,12 @@ class StreamFrame:
             "system_fingerprint": fingerprint,
         }
 
-    def chunk(self, delta: Any, finish_reason: str | None, logprobs: Any) -> dict[str, Any]:
+    def chunk(
+        self, delta: Any, finish_reason: str | None, logprobs: Any, stop_sequence: str | None = None
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+        if stop_sequence is not None:
+            choice["stop_reason"] = stop_sequence  # vLLM's field: which stop sequence ended the answer
         choice["delta" if self.chat else "text"] = delta
         payload: dict[str, Any] = {**self.base, "choices": [choice]}
         if self.with_usage:

@@ -30,6 +30,7 @@ from gateway.dashboard import dashboard_routes
 from gateway.drain import drain_on_sigterm
 from gateway.health import Health
 from gateway.http import HeaderLimit, error_response, json_response
+from gateway.messages_routes import messages_routes
 from gateway.metrics import metrics_routes
 from gateway.openai_routes import Gateway, gateway_of, routes
 from gateway.reload import PartFactory, PolicySource, Reloader, Running
@@ -161,6 +162,7 @@ def create_app(
     app.router.routes.extend(
         [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *routes()]
     )
+    app.router.routes.extend(messages_routes())  # Anthropic's Messages API
     app.router.routes.extend(
         [*admin_routes(), *policy_routes(), *request_routes(), *metrics_routes(), *dashboard_routes()]
     )

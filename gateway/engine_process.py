@@ -28,10 +28,11 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from backends import engine_wire as wire
-from backends.base import Backend, GenerationRequest
-from backends.errors import BackendUnavailable, BadRequest, InternalError, NotFound, TiergateError
+from backends.base import Backend, GenerationRequest, TokenCounter
+from backends.errors import BackendUnavailable, BadRequest, InternalError, NotFound, TiergateError, Unsupported
 from backends.llamacpp import LlamaCppSettings
 from backends.memory_estimate import refusal
+from backends.protocol import ChatRequest
 from gateway.http import ClientGone, json_response, unless_disconnected
 from gateway.logs import WITH_PID, log_off_the_hot_path
 from router.loader import load_policy
@@ -203,6 +204,19 @@ def engine_app(engine: Engine) -> Starlette:
         # Starlette cancels this generator when the worker hangs up, which stops the decode loop.
         return StreamingResponse(_lines(engine, backend, parsed), media_type="application/x-ndjson")
 
+    async def count(request: Request) -> Response:
+        """count_tokens for a worker: the loaded model's tokenizer on the rendered prompt."""
+        try:
+            backend = engine.backend(request.path_params["name"])
+            parsed = wire.decode_request(await request.body())
+            if not isinstance(backend, TokenCounter) or not isinstance(parsed, ChatRequest):
+                raise Unsupported(f"backend '{request.path_params['name']}' cannot count tokens")
+            with engine.using(backend):  # a swap closes the old model only once nothing uses it
+                tokens = await backend.count_tokens(parsed)
+        except TiergateError as error:
+            return Response(wire.line("error", wire.encode_error(error)), media_type=NDJSON)
+        return Response(wire.line("answer", {"input_tokens": tokens}), media_type=NDJSON)
+
     async def swap(request: Request) -> Response:
         """A worker's reload built this backend with these settings: load them here (once for all workers)."""
         try:
@@ -222,6 +236,7 @@ def engine_app(engine: Engine) -> Starlette:
         Route("/backends/{name}", swap, methods=["PUT"]),
         Route("/generate/{name}", generate, methods=["POST"]),
         Route("/stream/{name}", stream, methods=["POST"]),
+        Route("/count/{name}", count, methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 

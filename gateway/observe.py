@@ -18,6 +18,8 @@ from router.runtime import Runtime
 
 CLIENT_CLOSED = 499  # as gateway/openai_routes.py answers a client that hung up (not imported: a cycle)
 OPERATIONS = {
+    "/v1/messages": "chat",  # Anthropic's Messages: a chat, as OpenTelemetry names the operation
+    "/v1/messages/count_tokens": "count_tokens",
     "/v1/chat/completions": "chat",
     "/v1/completions": "text_completion",
     "/v1/embeddings": "embeddings",

@@ -74,8 +74,29 @@ def gateway_of(request: Request) -> Gateway:
     return state
 
 
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the client APIs at the edge: where the key is read from, and how an error looks."""
+
+    credentials: Callable[[Request], str]  # the request's key as an Authorization value ("Bearer <key>" or "")
+    render_error: Callable[[TiergateError], Response]
+
+
+def bearer_credentials(request: Request) -> str:
+    return request.headers.get("authorization", "")
+
+
+OPENAI = Dialect(bearer_credentials, error_response)
+
+
 def openai_endpoint(handler: Endpoint) -> Endpoint:
-    """Authentication, error translation and one access-log line (never the prompt or the key)."""
+    """An endpoint of the OpenAI API: its key in `Authorization: Bearer`, its errors in OpenAI's shape."""
+    return api_endpoint(handler, OPENAI)
+
+
+def api_endpoint(handler: Endpoint, dialect: Dialect) -> Endpoint:
+    """Authentication, error translation and one access-log line (never the prompt or the key), for any client
+    API whose dialect says where its key is and how its errors look."""
 
     async def endpoint(request: Request) -> Response:
         began = time.perf_counter()
@@ -88,18 +109,18 @@ def openai_endpoint(handler: Endpoint) -> Endpoint:
         request.state.runtime = runtime
         runtime.in_flight += 1  # a reload closes the parts it retired once this is back to 0
         try:
-            authorization = request.headers.get("authorization", "")
+            authorization = dialect.credentials(request)
             context.caller = await authenticate(runtime.table, runtime.store, gateway.known_keys, authorization)
             response = await handler(request)
         except TiergateError as error:
             failure = error
-            response = error_response(error)
+            response = dialect.render_error(error)
         except ClientGone:
             response = Response(status_code=CLIENT_CLOSED)
         except Exception:
             log.exception("unhandled error on %s", request.scope["path"])
             failure = InternalError("internal error; see the gateway log")
-            response = error_response(failure)
+            response = dialect.render_error(failure)
         except BaseException:  # cancelled: the request ends here
             runtime.in_flight -= 1
             raise

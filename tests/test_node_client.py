@@ -12,10 +12,11 @@ import pytest
 from tests.conftest import ROOT, Server
 
 
-def run_node(script: str, gateway: Server) -> Any:
-    """Run one of tests/node's scripts against the gateway's smol model; it prints one JSON object."""
+def run_node(script: str, gateway: Server, *extra: str) -> Any:
+    """Run one of tests/node's scripts against the gateway's smol model (`extra`: more arguments, such as an API
+    key); it prints one JSON object."""
     done = subprocess.run(
-        ["node", str(ROOT / "tests" / "node" / script), gateway.base_url, "smol"],
+        ["node", str(ROOT / "tests" / "node" / script), gateway.base_url, "smol", *extra],
         capture_output=True,
         text=True,
         timeout=120,

@@ -303,6 +303,14 @@ def test_json_schema_logprobs_and_streams_work_through_the_engine(smol_workers: 
     assert text and chunks[-1].choices[0].finish_reason in ("length", "stop")
 
 
+def test_messages_count_tokens_through_the_engine_is_what_the_answer_counts(smol_workers: Server) -> None:
+    body = {"model": "smol", "messages": ASK}
+    counted = httpx.post(f"{smol_workers.url}/v1/messages/count_tokens", json=body, timeout=30)
+    answered = httpx.post(f"{smol_workers.url}/v1/messages", json={**body, "max_tokens": 1}, timeout=60)
+    assert counted.status_code == 200 and answered.status_code == 200, (counted.text, answered.text)
+    assert counted.json()["input_tokens"] == answered.json()["usage"]["input_tokens"] > 0
+
+
 def test_an_engine_error_reaches_the_client_as_the_same_error(smol_workers: Server) -> None:
     too_long = chat(smol_workers, {"model": "smol", "messages": [{"role": "user", "content": "hello " * 1500}]})
     assert too_long.status_code == 400

@@ -67,6 +67,7 @@ class Behaviour:
     raw_body: str | None = None  # send this body (200, application/json) instead of an answer
     raw_chunked: bool = False  # send raw_body in 64 KiB pieces, chunked, with no Content-Length
     omit_usage: bool = False  # streams: no usage chunk even when asked (as llama_cpp.server does)
+    tool_call: dict[str, str] | None = None  # {"name", "arguments"}: chat answers with this call instead of text
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> Behaviour:
@@ -284,7 +285,7 @@ class _Exchange:
                 return
             await _raw(self.send, 200, behaviour.raw_body.encode(), "application/json", behaviour.headers)
             return
-        answer = _Answer(body, behaviour.text, chat)
+        answer = _Answer(body, behaviour.text, chat, behaviour.tool_call)
         if not body.get("stream"):
             content = orjson.dumps(answer.whole())
             if behaviour.reset == "after_headers":
@@ -350,8 +351,9 @@ class _Exchange:
 class _Answer:
     """The canned answer to one request, whole or as stream events."""
 
-    def __init__(self, body: dict[str, Any], text: str, chat: bool) -> None:
+    def __init__(self, body: dict[str, Any], text: str, chat: bool, tool_call: dict[str, str] | None = None) -> None:
         self.chat = chat
+        self.tool_call = tool_call if chat else None
         self.model = str(body.get("model", ""))
         self.pieces = [word + " " for word in text.split(" ")]
         self.pieces[-1] = self.pieces[-1][:-1]
@@ -374,8 +376,13 @@ class _Answer:
 
     def whole(self) -> dict[str, Any]:
         text = "".join(self.pieces)
+        if self.tool_call is not None:
+            call = {"id": "call_upstream1", "type": "function", "function": dict(self.tool_call)}
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
+            return {**self.base, "object": "chat.completion", "choices": [choice], "usage": self.usage}
         if self.chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
             choice = {"index": 0, "text": text}
         choice |= {"logprobs": None, "finish_reason": "stop"}
@@ -383,6 +390,17 @@ class _Answer:
         return {**self.base, "object": kind, "choices": [choice], "usage": self.usage}
 
     def events(self, include_usage: bool) -> Iterator[dict[str, Any]]:
+        if self.tool_call is not None:  # the call's head, then its arguments in two fragments split mid-value
+            arguments, name = self.tool_call["arguments"], self.tool_call["name"]
+            head = {"index": 0, "id": "call_upstream1", "type": "function", "function": {"name": name, "arguments": ""}}
+            yield self._chunk({"role": "assistant", "content": None, "tool_calls": [head]}, None)
+            half = len(arguments) // 2
+            for fragment in (arguments[:half], arguments[half:]):
+                yield self._chunk({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}, None)
+            yield self._chunk({}, "tool_calls")
+            if include_usage:
+                yield {**self.base, "choices": [], "usage": self.usage}
+            return
         if self.chat:
             yield self._chunk({"role": "assistant", "content": ""}, None)
         for piece in self.pieces:
