@@ -21,6 +21,7 @@ class Capabilities:
     tools: bool = False
     max_context: int = 2048
     count_tokens: bool = False  # implements TokenCounter: can say how many tokens a chat prompt is
+    confidence: bool = False  # answers carry backends/confidence.py's token scores when the request asks
 
 
 @dataclass(frozen=True)

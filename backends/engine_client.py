@@ -44,6 +44,7 @@ class EngineBackend:
             tools=True,
             max_context=settings.n_ctx,
             count_tokens=True,
+            confidence=True,
         )
         self.price = settings.price.price()
         self._session: aiohttp.ClientSession | None = None

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from backends import llamacpp_translate as translate
 from backends.base import Capabilities, GenerationRequest, Payload
+from backends.confidence import FIELD as CONFIDENCE_FIELD
 from backends.constraint import constraint_from_request
 from backends.constraint_compiler import ConstrainedProcessor, ConstraintCompiler
 from backends.errors import BackendUnavailable, ContextLengthExceeded, InternalError, TiergateError
@@ -95,6 +96,7 @@ class LlamaCppBackend:
             tools=True,
             max_context=settings.n_ctx,
             count_tokens=True,
+            confidence=True,
         )
         self.price = settings.price.price()
         self.fingerprint = ""
@@ -406,7 +408,7 @@ class LlamaCppBackend:
                 }
             ],
             "usage": translate.usage(finish.prompt_tokens, finish.completion_tokens),
-        }
+        } | ({CONFIDENCE_FIELD: finish.confidence.wire()} if finish.confidence is not None else {})
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Payload]:
         chat = isinstance(request, ChatRequest)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from backends.confidence import Confidence, ConfidenceProbe
+
 
 @dataclass(frozen=True)
 class DecodeParams:
@@ -31,6 +33,7 @@ class DecodeParams:
     top_logprobs: int = 0
     grammar: Any = None
     logits_processors: tuple[Callable[[Any, Any], Any], ...] = ()
+    confidence: bool = False  # measure token scores (backends/confidence.py) into Finish.confidence
 
     @classmethod
     def greedy(cls, max_tokens: int, processors: tuple[Callable[[Any, Any], Any], ...] = ()) -> DecodeParams:
@@ -71,6 +74,7 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     stop_sequence: str | None = None  # the request's stop sequence that ended the answer (reason "stop")
+    confidence: Confidence | None = None  # when DecodeParams.confidence asked for it and a token was sampled
 
 
 def complete_utf8_prefix(data: bytes) -> int:
@@ -125,7 +129,9 @@ def decode(
     limit = room if params.max_tokens is None else min(params.max_tokens, room)
     named = tuple(stop for stop in params.stop if stop)
     stops = tuple(stop.encode("utf-8") for stop in named)
-    processors = list(params.logits_processors)
+    probe = ConfidenceProbe() if params.confidence else None
+    # the probe sees the model's logits and the constraint's mask, before logit_bias moves them
+    processors = probe.processors(params.logits_processors) if probe is not None else list(params.logits_processors)
     if params.logit_bias:
         processors.append(_bias_processor(dict(params.logit_bias)))
     llama.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
@@ -159,6 +165,8 @@ def decode(
             if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
                 reason = "stop"
                 break
+            if probe is not None:
+                probe.take(token)
             if params.logprobs:
                 pending_logprobs.append(_token_logprob(llama, token, params.top_logprobs))
             completion.append(token)
@@ -183,7 +191,8 @@ def decode(
         tail = llama.detokenize(completion, prev_tokens=prompt_tokens)[emitted:]
         if tail:
             yield Piece(tail.decode("utf-8", errors="replace"))
-    yield Finish(reason, len(prompt_tokens), len(completion), matched)
+    confidence = Confidence.of(probe.scores) if probe is not None else None
+    yield Finish(reason, len(prompt_tokens), len(completion), matched, confidence=confidence)
 
 
 def _first_stop(text: bytes, stops: tuple[bytes, ...]) -> int:

@@ -139,6 +139,7 @@ def decode_params(
         logprobs=wants_logprobs,
         top_logprobs=top_logprobs,
         grammar=grammar,
+        confidence=request.wants_confidence(),
     )
 
 

@@ -24,7 +24,7 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
-TIERGATE_OPTIONS = frozenset({"regex", "choices", "cache", "top_k"})
+TIERGATE_OPTIONS = frozenset({"regex", "choices", "cache", "top_k", "confidence"})
 CACHE_MODES = ("default", "no-cache")
 StopSequences = StrictStr | Annotated[list[StrictStr], Field(min_length=0, max_length=4)] | None
 
@@ -130,8 +130,9 @@ class SamplingParams(Strict):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: StrictStr | None = None
     # tiergate's own options (extra_body={"tiergate": {...}}), never forwarded to a backend: `regex` and `choices`
-    # (output constraints, read by backends/constraint.py), `cache` ("default" or "no-cache": answer afresh) and
-    # `top_k` (local tiers sample from the k likeliest tokens; Anthropic's Messages top_k arrives here).
+    # (output constraints, read by backends/constraint.py), `cache` ("default" or "no-cache": answer afresh),
+    # `top_k` (local tiers sample from the k likeliest tokens; Anthropic's Messages top_k arrives here) and
+    # `confidence` (true: a llama.cpp tier adds its token scores, backends/confidence.py; the cascade asks for them).
     tiergate: dict[str, Any] | None = None
     # vLLM's structured-output fields (extra_body); backends/constraint.py takes one constraint per request.
     guided_json: dict[str, Any] | StrictStr | None = None
@@ -158,6 +159,8 @@ class SamplingParams(Strict):
         top_k = (options or {}).get("top_k", 0)
         if type(top_k) is not int or top_k < 0:  # bool is an int subclass: refused too
             raise ValueError("'top_k' must be a whole number of tokens, 0 or more (0: off)")
+        if options is not None and not isinstance(options.get("confidence", False), bool):
+            raise ValueError("'confidence' must be true or false")
         return options
 
     @field_validator("logit_bias")
@@ -175,6 +178,9 @@ class SamplingParams(Strict):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def wants_confidence(self) -> bool:
+        return bool((self.tiergate or {}).get("confidence"))
 
 
 class ChatRequest(SamplingParams):

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend, GenerationRequest, Payload
+from backends.confidence import FIELD as CONFIDENCE_FIELD
+from backends.confidence import METRICS, Confidence
 from backends.errors import TiergateError
 from backends.protocol import ChatRequest, Message
 from router.attempts import Attempts, Plan
@@ -62,16 +64,45 @@ def answer_text(payload: Payload) -> str:
     return str(choice.get("text") or "")
 
 
+LOGPROB_METRICS = frozenset({"mean", "min"})  # the metrics OpenAI-shaped logprobs give, from any backend
+
+
 def confidence_of(payload: Payload, metric: str) -> float | None:
-    """Mean or minimum token log-probability of the answer, if the backend gave them."""
+    """The answer's confidence by `metric`: from its token scores (llama.cpp tiers), else from its logprobs."""
+    record = Confidence.from_wire(payload.get(CONFIDENCE_FIELD))
+    if record is not None:
+        return METRICS[metric](record)
     logprobs = payload["choices"][0].get("logprobs")
-    if not logprobs:
+    if metric not in LOGPROB_METRICS or not logprobs:
         return None
     raw = [entry["logprob"] for entry in logprobs.get("content") or []] or logprobs.get("token_logprobs") or []
     values = [float(value) for value in raw]
     if not values:
         return None
     return min(values) if metric == "min" else sum(values) / len(values)
+
+
+def can_score(tier: Backend, metric: str) -> bool:
+    return tier.capabilities.confidence or (metric in LOGPROB_METRICS and tier.capabilities.logprobs)
+
+
+def scoring_request(request: GenerationRequest, tier: Backend) -> GenerationRequest:
+    """The request as asked of a scored tier: with token scores (llama.cpp) or logprobs (others) if not yet asked."""
+    if tier.capabilities.confidence:
+        if request.wants_confidence():
+            return request
+        return request.model_copy(update={"tiergate": {**(request.tiergate or {}), "confidence": True}})
+    if isinstance(request, ChatRequest) and not request.logprobs:
+        return request.model_copy(update={"logprobs": True})
+    return request
+
+
+def unscored(payload: Payload, client: GenerationRequest) -> None:
+    """Remove what was asked for the router's own use only (the caller may have asked for either itself)."""
+    if not client.wants_confidence():
+        payload.pop(CONFIDENCE_FIELD, None)
+    if isinstance(client, ChatRequest) and not client.logprobs and "message" in payload["choices"][0]:
+        payload["choices"][0]["logprobs"] = None
 
 
 def _same_answer(first: str, second: str) -> bool:
@@ -149,10 +180,9 @@ class Cascade:
                 return Outcomes(None, None, costs, waited_s=waited)
             if guide is not None and not final and skip_predicted_hard(guide, tier, context):
                 continue
-            scored = "low_confidence" in settings.escalate_on and not final and tier.capabilities.logprobs
-            asked = tier_request
-            if scored and isinstance(asked, ChatRequest) and not asked.logprobs:
-                asked = asked.model_copy(update={"logprobs": True})
+            metric = settings.confidence.metric
+            scored = "low_confidence" in settings.escalate_on and not final and can_score(tier, metric)
+            asked = scoring_request(tier_request, tier) if scored else tier_request
             plan = plan_for(route, tier, fallbacks, final=final, context=context)
             try:
                 # an earlier tier that refuses makes way for the next one; the last tier's refusal is left to its
@@ -171,9 +201,9 @@ class Cascade:
                 raise
             self._charge(costs, backend, payload, plan)
             judged = await self._judge(validators, payload, checks)
-            confidence = confidence_of(payload, settings.confidence.metric) if scored else None
-            if asked is not tier_request and isinstance(request, ChatRequest) and not request.logprobs:
-                payload["choices"][0]["logprobs"] = None  # asked for our own use only
+            confidence = confidence_of(payload, metric) if scored else None
+            if asked is not tier_request:
+                unscored(payload, request)
             if validators and confidence is not None:
                 self.outcomes.add(Outcome(backend.name, judged.escalation is None, confidence))
             if not final and judged.escalation is None and confidence is not None:
@@ -217,7 +247,7 @@ class Cascade:
         if threshold is None:
             threshold = self.outcomes.calibrated_threshold(tier, settings.min_samples, settings.target_failure_rate)
         if threshold is not None and confidence < threshold:
-            reason = f"low_confidence: {settings.metric} logprob {confidence:.2f} < {threshold:.2f}"
+            reason = f"low_confidence: {settings.metric} {confidence:.2f} < {threshold:.2f}"
             return _Judged(Verdict(False, reason), Escalation.LOW_CONFIDENCE)
         return _Judged(PASS, None)
 

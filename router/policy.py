@@ -217,10 +217,24 @@ EscalationReason = Literal["invalid_output", "invalid_tool_call", "low_confidenc
 DEFAULT_ESCALATION: tuple[EscalationReason, ...] = ("invalid_output", "error")
 
 
-class ConfidenceSettings(Section):
-    """When a tier's token log-probabilities say it guessed: escalate. Needs a tier that returns logprobs."""
+ConfidenceMetric = Literal["mean", "min", "free_mean", "free_min", "choice"]
 
-    metric: Literal["mean", "min"] = Field("mean", description="Mean or minimum token log-probability.")
+
+class ConfidenceSettings(Section):
+    """When a tier's token log-probabilities say it guessed: escalate.
+
+    llama.cpp tiers measure every metric while decoding (backends/confidence.py); other tiers give `mean` and `min`
+    from their logprobs, when they return them. Every metric is a natural-log probability (<= 0).
+    """
+
+    metric: ConfidenceMetric = Field(
+        "mean",
+        description=(
+            "mean / min: token log-probabilities over the whole answer; free_mean / free_min: over the positions "
+            "where the constraint allowed more than one token, renormalised over the allowed tokens; choice: the "
+            "answer's log-probability among the answers the constraint allowed (the chosen choice's, for choices)."
+        ),
+    )
     threshold: float | None = Field(
         None, le=0, description="Escalate below this; unset: calibrated per tier from the outcome log."
     )

@@ -51,6 +51,14 @@ models:
     cascade: [smol, big]
     escalate_on: [low_confidence]
     confidence: {{threshold: -0.0001}}
+  choosy:
+    cascade: [smol, big]
+    escalate_on: [low_confidence]
+    confidence: {{metric: choice, threshold: -0.0001}}
+  trusting:
+    cascade: [smol, big]
+    escalate_on: [low_confidence]
+    confidence: {{metric: free_mean, threshold: -50}}
   consistent:
     cascade: [smol, big]
     self_consistency: {{temperature: 1.2}}
@@ -140,6 +148,35 @@ def test_low_confidence_escalates(client: OpenAI) -> None:
     text, headers = ask(client, "unsure", temperature=1.0)
     assert headers["x-tiergate-attempts"] == "smol:low_confidence,big:ok"
     assert text == CANNED
+
+
+SENTIMENT = [{"role": "user", "content": "Classify the sentiment: 'The box is blue.' positive, negative or neutral?"}]
+CHOICES = {"tiergate": {"choices": ["positive", "negative", "neutral"]}}
+
+
+def test_choice_confidence_escalates_an_unsure_label(client: OpenAI, upstream: UpstreamServer) -> None:
+    upstream.plan("big", default=Behaviour(text="neutral"))
+    raw = client.chat.completions.with_raw_response.create(
+        model="choosy", messages=SENTIMENT, max_tokens=4, temperature=0, extra_body=CHOICES
+    )
+    assert raw.headers["x-tiergate-attempts"] == "smol:low_confidence,big:ok"
+    assert raw.parse().choices[0].message.content == "neutral"
+
+
+def test_the_token_scores_are_the_routers_unless_the_client_asks(client: OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="trusting", messages=SENTIMENT, max_tokens=4, temperature=0, extra_body=CHOICES
+    )
+    assert raw.headers["x-tiergate-attempts"] == "smol:ok"
+    body = raw.http_response.json()
+    assert "tiergate_confidence" not in body and body["choices"][0]["logprobs"] is None
+    asked = {"tiergate": {**CHOICES["tiergate"], "confidence": True}}
+    raw = client.chat.completions.with_raw_response.create(
+        model="trusting", messages=SENTIMENT, max_tokens=4, temperature=0, extra_body=asked
+    )
+    record = raw.http_response.json()["tiergate_confidence"]
+    assert record["free_tokens"] >= 1 and record["tokens"] >= record["free_tokens"]
+    assert -50 < record["free_mean"] <= 0 and record["choice"] <= record["free_mean"] + 1e-9
 
 
 def test_self_consistency_samples_twice_and_escalates_on_disagreement(client: OpenAI) -> None:

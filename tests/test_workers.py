@@ -311,6 +311,17 @@ def test_messages_count_tokens_through_the_engine_is_what_the_answer_counts(smol
     assert counted.json()["input_tokens"] == answered.json()["usage"]["input_tokens"] > 0
 
 
+def test_token_scores_cross_the_engine_socket(smol_workers: Server) -> None:
+    raw = smol_workers.client().chat.completions.with_raw_response.create(
+        model="smol",
+        messages=[{"role": "user", "content": "Is water wet? yes or no"}],
+        max_tokens=4,
+        extra_body={"tiergate": {"choices": ["yes", "no"], "confidence": True}},
+    )
+    record = raw.http_response.json()["tiergate_confidence"]
+    assert record["tokens"] >= record["free_tokens"] >= 1 and record["choice"] <= 0
+
+
 def test_an_engine_error_reaches_the_client_as_the_same_error(smol_workers: Server) -> None:
     too_long = chat(smol_workers, {"model": "smol", "messages": [{"role": "user", "content": "hello " * 1500}]})
     assert too_long.status_code == 400
