@@ -1,0 +1,195 @@
+"""Pure analysis for bench/cascade.py: AUROC of each confidence signal, cascade points swept over thresholds, plot.
+
+A cascade smol -> gemma escalates a task when its mechanism says so; with greedy decoding each tier's answer is the
+same alone or in the cascade, so one run of each tier alone gives every point of every sweep exactly: the cascade
+pays smol's cost on every task and gemma's on the escalated ones, and answers with gemma's answer there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SIGNALS = ("mean", "min", "free_mean", "free_min", "choice")
+KINDS = ("extract", "classify", "arith")
+
+# one task's record, as bench/cascade.py writes it: {"kind", "smol": {...}, "gemma": {...}}, each tier with
+# "correct" (bool), "cost_usd", "confidence" (the tiergate_confidence record or None), "grounded" (bool)
+Record = dict[str, Any]
+
+
+def auroc(wrong: list[bool], scores: list[float]) -> float | None:
+    """P(a wrong answer scores lower than a right one), ties counted half; None without both kinds of answer."""
+    bad = [score for score, flag in zip(scores, wrong, strict=True) if flag]
+    good = [score for score, flag in zip(scores, wrong, strict=True) if not flag]
+    if not bad or not good:
+        return None
+    wins = sum((b < g) + 0.5 * (b == g) for b in bad for g in good)
+    return wins / (len(bad) * len(good))
+
+
+def auroc_table(records: list[Record], tiers: tuple[str, ...] = ("smol", "gemma")) -> list[dict[str, Any]]:
+    rows = []
+    for tier in tiers:
+        for kind in (*KINDS, "all"):
+            chosen = [r for r in records if (kind == "all" or r["kind"] == kind) and r[tier]["confidence"]]
+            row: dict[str, Any] = {"tier": tier, "kind": kind, "tasks": len(chosen)}
+            row["wrong"] = sum(not r[tier]["correct"] for r in chosen)
+            for signal in SIGNALS:
+                wrong = [not r[tier]["correct"] for r in chosen]
+                row[signal] = auroc(wrong, [r[tier]["confidence"][signal] for r in chosen])
+            rows.append(row)
+    return rows
+
+
+@dataclass(frozen=True)
+class Point:
+    mechanism: str
+    threshold: float | None
+    escalated: float  # share of tasks sent on to gemma
+    accuracy: float
+    cost_share: float  # of gemma alone
+
+
+Rule = Callable[[Record], bool]  # True: escalate this task
+
+
+def point(records: list[Record], mechanism: str, threshold: float | None, escalate: Rule) -> Point:
+    gemma_cost = sum(r["gemma"]["cost_usd"] for r in records) or 1e-12
+    cost = correct = escalated = 0.0
+    for record in records:
+        up = escalate(record)
+        escalated += up
+        cost += record["smol"]["cost_usd"] + (record["gemma"]["cost_usd"] if up else 0.0)
+        correct += record["gemma" if up else "smol"]["correct"]
+    return Point(mechanism, threshold, escalated / len(records), correct / len(records), cost / gemma_cost)
+
+
+def _signal(record: Record, name: str) -> float:
+    confidence = record["smol"]["confidence"]
+    return confidence[name] if confidence else -math.inf
+
+
+def _grounded_fails(record: Record) -> bool:
+    return record["kind"] == "extract" and not record["smol"]["grounded"]
+
+
+def _below(signal: str, cut: float, grounded: bool = False) -> Rule:
+    def escalate(record: Record) -> bool:
+        return (grounded and _grounded_fails(record)) or _signal(record, signal) < cut
+
+    return escalate
+
+
+def sweep(records: list[Record]) -> list[Point]:
+    """Both tiers alone, the validators-only cascade, grounded, and every signal's threshold (alone, with grounded)."""
+    points = [
+        point(records, "smol alone", None, lambda r: False),
+        point(records, "gemma alone", None, lambda r: True),
+        point(records, "grounded (extract)", None, _grounded_fails),
+    ]
+    for signal in SIGNALS:
+        values = sorted({_signal(r, signal) for r in records})
+        cuts = [values[0] - 1, *((a + b) / 2 for a, b in itertools.pairwise(values)), values[-1] + 1]
+        for cut in cuts:
+            points.append(point(records, signal, cut, _below(signal, cut)))
+            points.append(point(records, f"grounded + {signal}", cut, _below(signal, cut, grounded=True)))
+    return points
+
+
+def frontier(points: list[Point]) -> list[Point]:
+    """Per mechanism, the points no other point of it beats on both accuracy and cost."""
+    kept = []
+    for p in points:
+        rivals = [q for q in points if q.mechanism == p.mechanism and q is not p]
+        beaten = any(
+            q.accuracy >= p.accuracy
+            and q.cost_share <= p.cost_share
+            and (q.accuracy, -q.cost_share) != (p.accuracy, -p.cost_share)
+            for q in rivals
+        )
+        if not beaten and not any(
+            k.mechanism == p.mechanism and (k.accuracy, k.cost_share) == (p.accuracy, p.cost_share) for k in kept
+        ):
+            kept.append(p)
+    return sorted(kept, key=lambda p: (p.mechanism, p.cost_share))
+
+
+def cheapest_reaching(points: list[Point], accuracy: float) -> Point | None:
+    """The cheapest cascade point (not a tier alone) whose accuracy is at least `accuracy`."""
+    reaching = [p for p in points if "alone" not in p.mechanism and p.accuracy >= accuracy - 1e-12]
+    return min(reaching, key=lambda p: (p.cost_share, -p.accuracy), default=None)
+
+
+def apply(records: list[Record], chosen: Point) -> Point:
+    """The same mechanism and threshold on other records: does the choice carry over?"""
+    name = chosen.mechanism
+    grounded = name.startswith("grounded")
+    signal = name.removeprefix("grounded + ")
+    if signal in SIGNALS and chosen.threshold is not None:
+        return point(records, name, chosen.threshold, _below(signal, chosen.threshold, grounded))
+    return point(records, name, None, _grounded_fails if grounded else lambda r: False)
+
+
+def plot(points: list[Point], title: str, path: Path) -> Path:
+    """Accuracy against cost: a PNG with matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5.5))
+    for mechanism in sorted({p.mechanism for p in points if "alone" not in p.mechanism}):
+        line = sorted((p for p in frontier(points) if p.mechanism == mechanism), key=lambda p: p.cost_share)
+        axes.plot([p.cost_share for p in line], [p.accuracy for p in line], marker=".", label=mechanism)
+    for p in points:
+        if "alone" in p.mechanism:
+            axes.scatter([p.cost_share], [p.accuracy], s=90, marker="*", zorder=5)
+            axes.annotate(p.mechanism, (p.cost_share, p.accuracy), textcoords="offset points", xytext=(6, -10))
+    axes.set_xlabel("cost, share of Gemma alone")
+    axes.set_ylabel("accuracy")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def markdown_auroc(rows: list[dict[str, Any]]) -> str:
+    lines = ["| tier | kind | tasks | wrong | " + " | ".join(SIGNALS) + " |", "|---" * (4 + len(SIGNALS)) + "|"]
+    for row in rows:
+        cells = ["n/a" if row[s] is None else f"{row[s]:.2f}" for s in SIGNALS]
+        lines.append(f"| {row['tier']} | {row['kind']} | {row['tasks']} | {row['wrong']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_points(points: list[Point]) -> str:
+    lines = ["| mechanism | threshold | escalated | accuracy | cost (share of Gemma alone) |", "|---|---|---|---|---|"]
+    for p in points:
+        threshold = "" if p.threshold is None else f"{p.threshold:.3f}"
+        lines.append(f"| {p.mechanism} | {threshold} | {p.escalated:.0%} | {p.accuracy:.1%} | {p.cost_share:.0%} |")
+    return "\n".join(lines)
+
+
+def summary_points(points: list[Point], top_accuracy: float) -> list[Point]:
+    """The rows of the table: both tiers alone, then per mechanism its best point at no more than half of Gemma's
+    cost, its cheapest point reaching Gemma's accuracy and its most accurate point (deduplicated)."""
+    rows = [p for p in points if "alone" in p.mechanism]
+    for mechanism in dict.fromkeys(p.mechanism for p in points if "alone" not in p.mechanism):
+        own = [p for p in points if p.mechanism == mechanism]
+        half = [p for p in own if p.cost_share <= 0.5]
+        picks = [
+            max(half, key=lambda p: (p.accuracy, -p.cost_share), default=None),
+            cheapest_reaching(own, top_accuracy),
+            max(own, key=lambda p: (p.accuracy, -p.cost_share)),
+        ]
+        for pick in picks:
+            if pick is not None and pick not in rows:
+                rows.append(pick)
+    return rows
