@@ -28,6 +28,7 @@ from gateway.admin_policy import policy_routes
 from gateway.admin_requests import request_routes
 from gateway.dashboard import dashboard_routes
 from gateway.drain import drain_on_sigterm
+from gateway.feedback import feedback_routes
 from gateway.health import Health
 from gateway.http import HeaderLimit, error_response, json_response
 from gateway.messages_routes import messages_routes
@@ -160,7 +161,12 @@ def create_app(
         return health.answer(request, gateway_of(request).runtime)
 
     app.router.routes.extend(
-        [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *routes()]
+        [
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            *routes(),
+            *feedback_routes(),
+        ]
     )
     app.router.routes.extend(messages_routes())  # Anthropic's Messages API
     app.router.routes.extend(

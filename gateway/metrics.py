@@ -162,6 +162,12 @@ class Metrics:
         self.reloads = Counter(
             "tiergate_policy_reloads", "Policy reloads by trigger and result.", ["trigger", "result"], registry=r
         )
+        self.feedback = Counter(
+            "tiergate_feedback",
+            "Labels applications gave answers (POST /v1/feedback), by the tier that answered.",
+            ["model", "backend", "label"],
+            registry=r,
+        )
         self.version = Gauge(
             "tiergate_policy_version", "The running policy's counter.", registry=r, multiprocess_mode="liveall"
         )
@@ -203,6 +209,10 @@ class Metrics:
 
     def policy_version(self, counter: int) -> None:
         self.version.set(counter)
+
+    def labelled(self, model: str, backend: str, ok: bool) -> None:
+        """An answer's label from POST /v1/feedback; `model` is a route of the running policy (bounded)."""
+        self._of(self.feedback, model, backend, "ok" if ok else "not_ok").inc()
 
     # --- one finished request ---
 

@@ -78,7 +78,7 @@ def record_of(
         id=answer_id or context.request_id,
         request_id=context.request_id,
         at=arrived_at,
-        endpoint=path if path in OPERATIONS or path == "/v1/models" else "/v1/models/{model}",
+        endpoint=path if path in OPERATIONS or path in ("/v1/models", "/v1/feedback") else "/v1/models/{model}",
         operation=OPERATIONS.get(path, "models"),
         model=model,
         route_kind=route_kind,

@@ -52,6 +52,7 @@ class Outcomes:
     costs: Costs = field(default_factory=Costs)
     validation: Verdict = PASS
     waited_s: float = 0.0  # time inside backends, for the overhead figure
+    confidence: float | None = None  # the answering tier's, when it was scored (router/feedback.py keeps it)
 
 
 def answer_text(payload: Payload) -> str:
@@ -213,7 +214,7 @@ class Cascade:
             waited += plan.waited_s
             if guide is not None and backend is tier:
                 guide.learner.record(tier.name, guide.vector, failed=judged.escalation is not None)
-            last = Outcomes(payload, backend, costs, judged.verdict, waited)
+            last = Outcomes(payload, backend, costs, judged.verdict, waited, confidence)
             if judged.escalation is None:
                 break
             trail[-1].escalation = judged.escalation

@@ -23,6 +23,7 @@ from backends.errors import (
 )
 from backends.protocol import EmbeddingRequest, StreamOptions
 from backends.stream_usage import estimated_prompt_tokens
+from router import feedback
 from router.cache import CACHE_BACKEND, Hit, Plan
 from router.cascade import Cascade, Guide, needs_buffering, skip_predicted_hard, validators_of
 from router.context import RequestContext
@@ -189,6 +190,7 @@ async def generate(runtime: Runtime, request: GenerationRequest, context: Reques
     assert outcome.payload is not None and outcome.backend is not None
     if plan is not None and outcome.validation.ok:
         await runtime.cache.remember(runtime.store, plan, outcome.payload)
+    await _remember(runtime, context, found, outcome.payload, outcome.backend.name, outcome.confidence)
     return Answer(
         outcome.payload,
         outcome.backend.name,
@@ -226,6 +228,7 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
         if outcome.payload is not None and outcome.backend is not None:
             if remember is not None and outcome.validation.ok:
                 await runtime.cache.remember(runtime.store, remember, outcome.payload)
+            await _remember(runtime, context, found, outcome.payload, outcome.backend.name, outcome.confidence)
             chunks = replay(outcome.payload, request.include_usage())
             first = await anext(chunks)
             return Stream(
@@ -264,6 +267,7 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
         waited += plan.waited_s
         if remember is not None and not validators:  # a validated stream is stored only when buffered (above)
             rest = runtime.cache.remember_stream(runtime.store, remember, first, rest)
+        await _remember(runtime, context, found, first, backend.name, None)
         metered = _metered(runtime, first, rest, backend, found, costs, context, began, request)
         try:
             first_out = await anext(metered)
@@ -273,6 +277,13 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
             first_out, metered, backend.name, waited, context.deadline, costs, intent=found.intent, cache=looked_up
         )
     raise BackendUnavailable(f"no tier of '{request.model}' could take the request ({context.attempts()})")
+
+
+async def _remember(
+    runtime: Runtime, context: RequestContext, found: Tiers, payload: Payload, tier: str, confidence: float | None
+) -> None:
+    vector = found.guide.vector if found.guide is not None else None
+    await feedback.remember(runtime, context, found.route.name, payload, tier, confidence, vector)
 
 
 async def _metered(

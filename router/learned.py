@@ -72,6 +72,17 @@ class TierModel:
         self.failures += failed
         self.seen += 1
 
+    def relabel(self, vector: Vector, failed: bool) -> bool:
+        """Give the newest example with exactly this vector the label `failed`; False when the window has none."""
+        wanted = np.asarray(vector, dtype=np.float32).reshape(-1)
+        for index in range(len(self.vectors) - 1, -1, -1):
+            if np.array_equal(self.vectors[index], wanted):
+                self.failures += int(failed) - int(self.failed[index])
+                self.failed[index] = float(failed)
+                self.seen += 1
+                return True
+        return False
+
     def replace(self, vectors: list[Vector], failed: list[float]) -> None:
         """Make the window these examples (the newest `window`): a new generation, as after `add`."""
         self.vectors = deque(vectors, maxlen=self.window)
@@ -168,6 +179,19 @@ class DifficultyLearner:
         if model.fitted is not None and model.seen - model.requested < self.refit_every:
             return
         self._refit_soon(tier, model)
+
+    def relabel(self, tier: str, vector: Vector, failed: bool) -> None:
+        """An application's label for a request this tier answered (router/feedback.py): it replaces the label the
+        cascade gave the same request when the window still holds it, else it is learnt as a new outcome. Other
+        replicas learn it as a new outcome (the shared logs only grow), next to the cascade's label."""
+        model = self._tier(tier)
+        if not model.relabel(vector, failed):
+            self.record(tier, vector, failed)
+            return
+        if self.publish is not None:
+            self.publish(tier, np.asarray(vector, dtype=np.float32).reshape(-1), failed)
+        if model.trainable(self.min_examples):
+            self._refit_soon(tier, model)
 
     def replace(self, tier: str, vectors: list[Vector], failed: list[bool]) -> None:
         """Make the tier's window the policy's seeds followed by these examples, and refit it (on the loop)."""

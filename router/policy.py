@@ -76,6 +76,13 @@ class ServerSettings(Section):
         description="Bearer token GET /metrics needs (use a ${ENV} reference; shown redacted). Unset: /metrics "
         "is open to anyone who can reach the port.",
     )
+    feedback_ttl_s: float = Field(
+        3600.0,
+        ge=0,
+        le=30 * 86400,
+        description="How long after an answer POST /v1/feedback accepts a label for it (each answer is kept in "
+        "the store that long); 0: off.",
+    )
     traces: int = Field(
         1000,
         ge=0,

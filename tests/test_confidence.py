@@ -149,7 +149,11 @@ def test_the_record_survives_its_wire_form_and_refuses_other_shapes() -> None:
     assert Confidence.from_wire({**record.wire(), "tokens": "3"}) is None
     assert Confidence.from_wire({"mean": -1.0}) is None
     assert {name: metric(record) for name, metric in METRICS.items()} == {
-        "mean": -2.0, "min": -5.0, "free_mean": -0.5, "free_min": -0.5, "choice": -0.5
+        "mean": -2.0,
+        "min": -5.0,
+        "free_mean": -0.5,
+        "free_min": -0.5,
+        "choice": -0.5,
     }
     assert FIELD == "tiergate_confidence"
 

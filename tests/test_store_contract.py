@@ -376,3 +376,22 @@ def test_published_policies_count_up_and_every_replica_reads_the_last(new_store:
         assert (await first.publish_policy("d1", "b1", "models: {}\n", "a.yaml", "file")).counter == 3
 
     run(new_store, scenario, replicas=2)
+
+
+# --- answer feedback (router/feedback.py) ---
+
+
+def test_feedback_records_are_taken_once_across_replicas_and_lapse(new_store: Factory) -> None:
+    async def scenario(first: Store, second: Store) -> None:
+        assert await first.feedback_take("key-a:chatcmpl-1") is None
+        await first.feedback_put("key-a:chatcmpl-1", b"\x00record", ttl_s=30)
+        await first.feedback_put("key-a:chatcmpl-2", b"short-lived", ttl_s=0.2)
+        assert await second.feedback_take("key-b:chatcmpl-1") is None  # another key's name for it: nothing
+        taken = await asyncio.gather(first.feedback_take("key-a:chatcmpl-1"), second.feedback_take("key-a:chatcmpl-1"))
+        assert sorted(taken, key=lambda item: item is None) == [b"\x00record", None]
+        await asyncio.sleep(0.3)
+        assert await second.feedback_take("key-a:chatcmpl-2") is None
+        with pytest.raises(ValueError, match="ttl_s must be positive"):
+            await first.feedback_put("key-a:chatcmpl-3", b"x", ttl_s=0)
+
+    run(new_store, scenario, replicas=2)

@@ -22,6 +22,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import asdict, dataclass, field, fields
@@ -367,7 +368,7 @@ class _Answer:
             "total_tokens": words + len(self.pieces),
         }
         self.base = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-upstream",
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-upstream-{uuid.uuid4().hex[:12]}",  # unique, as real APIs
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()),
             "model": self.model,

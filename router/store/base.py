@@ -292,4 +292,16 @@ class Store(Protocol):
 
     async def policy_record(self) -> PolicyRecord | None: ...
 
+    # --- answer feedback (POST /v1/feedback; router/feedback.py) ---
+
+    async def feedback_put(self, key: str, record: bytes, ttl_s: float) -> None:
+        """Keep what feedback on one answer needs, for `ttl_s` (a put under the same key replaces it)."""
+        ...
+
+    async def feedback_take(self, key: str) -> bytes | None:
+        """The record and its removal in one atomic step: of two takes (two replicas), one gets it, the other None."""
+        ...
+
+    # --- end of answer feedback ---
+
     async def aclose(self) -> None: ...

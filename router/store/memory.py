@@ -37,6 +37,9 @@ Clock = Callable[[], float]
 SWEEP_EVERY_S = 1.0
 """Expired entries are dropped at most this long after expiry (and on every read of them)."""
 
+MAX_FEEDBACK_RECORDS = 100_000
+"""Answers awaiting feedback kept at most (the oldest go first): memory stays bounded whatever the TTL."""
+
 SETTLED_KEPT_S = 3600.0
 """How long a settled or released reservation is remembered, so that a second settle charges nothing."""
 
@@ -75,6 +78,7 @@ class MemoryStore:
         self._logs: dict[str, deque[bytes]] = {}
         self._policy: PolicyRecord | None = None
         self._counters: dict[str, tuple[dict[str, int], float]] = {}  # scope -> (counters, lapses at)
+        self._feedback: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (record, lapses at)
         self._swept = clock()
 
     # --- managed keys ---
@@ -294,6 +298,8 @@ class MemoryStore:
             state.held(now)
         for scope in list(self._leases):
             self._live_leases(scope, now)
+        for key in [key for key, (_, until) in self._feedback.items() if until <= now]:
+            del self._feedback[key]
         for key in [key for key, (_, until) in self._cache.items() if until <= now]:
             self._cache_drop(key)
         for scope in [scope for scope, (_, until) in self._counters.items() if until <= now]:
@@ -319,6 +325,25 @@ class MemoryStore:
         else:
             self._leases.pop(scope, None)
         return leases
+
+    # --- answer feedback ---
+
+    async def feedback_put(self, key: str, record: bytes, ttl_s: float) -> None:
+        check_positive(ttl_s=ttl_s)
+        now = self._now()
+        self._feedback.pop(key, None)
+        self._feedback[key] = (record, now + ttl_s)
+        while len(self._feedback) > MAX_FEEDBACK_RECORDS:
+            self._feedback.popitem(last=False)
+
+    async def feedback_take(self, key: str) -> bytes | None:
+        now = self._now()
+        found = self._feedback.pop(key, None)
+        if found is None or found[1] <= now:
+            return None
+        return found[0]
+
+    # --- end of answer feedback ---
 
     def _cache_drop(self, key: str) -> None:
         value, _ = self._cache.pop(key)

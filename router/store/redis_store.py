@@ -336,6 +336,19 @@ class RedisStore:
         ttl_ms = max(1, round(ttl_s * 1000))
         await self._call(lambda: self.client.set(self.key("cache", key), value, px=ttl_ms))
 
+    # --- answer feedback ---
+
+    async def feedback_put(self, key: str, record: bytes, ttl_s: float) -> None:
+        check_positive(ttl_s=ttl_s)
+        ttl_ms = max(1, round(ttl_s * 1000))
+        await self._call(lambda: self.client.set(self.key("feedback", key), record, px=ttl_ms))
+
+    async def feedback_take(self, key: str) -> bytes | None:
+        found = await self._call(lambda: self.client.getdel(self.key("feedback", key)))  # Redis >= 6.2
+        return as_bytes(found) if found is not None else None
+
+    # --- end of answer feedback ---
+
     # --- counters ---
 
     async def count(self, amounts: Mapping[str, Mapping[str, int]], ttl_s: float) -> None:
