@@ -35,7 +35,7 @@ def _log_sum_exp(values: np.ndarray[Any, Any]) -> float:
     top = float(values.max())
     if not math.isfinite(top):
         return top
-    return top + math.log(float(np.exp(values - top, dtype=np.float64).sum()))
+    return top + math.log(float(np.exp(values - top).sum(dtype=np.float64)))
 
 
 class ConfidenceProbe:
@@ -56,9 +56,9 @@ class ConfidenceProbe:
 
     def after(self, _input_ids: Any, scores: Any) -> Any:
         masked = np.asarray(scores, dtype=np.float32)
-        finite = np.isfinite(masked)
-        self._allowed = int(finite.sum())
-        self._allowed_norm = _log_sum_exp(masked[finite]) if self._allowed else -math.inf
+        allowed = np.flatnonzero(masked != -np.inf)  # a constraint allows few tokens: exp over those only
+        self._allowed = len(allowed)
+        self._allowed_norm = _log_sum_exp(masked[allowed]) if self._allowed else -math.inf
         return scores
 
     def processors(self, constraint: tuple[Callable[[Any, Any], Any], ...]) -> list[Callable[[Any, Any], Any]]:
