@@ -282,6 +282,8 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
 async def _remember(
     runtime: Runtime, context: RequestContext, found: Tiers, payload: Payload, tier: str, confidence: float | None
 ) -> None:
+    if found.route.kind != "cascade":  # a label teaches a cascade (which tier fails what); elsewhere nothing learns
+        return
     vector = found.guide.vector if found.guide is not None else None
     await feedback.remember(runtime, context, found.route.name, payload, tier, confidence, vector)
 

@@ -4,8 +4,9 @@ Every answer is remembered in the store for `server.feedback_ttl_s`, under the c
 its route, the tier that answered, that tier's confidence (when the cascade scored it) and the difficulty router's
 prompt vector (when the route has one). A label taken back from there (once: the take is atomic) is learnt like
 the cascade's own outcomes: a difficulty example for the tier, so that similar requests are predicted to fail
-there (or not), replacing the label the cascade gave that request (DifficultyLearner.relabel), and an outcome for
-the tier's confidence calibration. Both reach every replica through the shared logs (router/shared_learning.py).
+there (or not), and an outcome for the tier's confidence calibration; each replaces the label the cascade gave
+that answer when this replica still holds it (DifficultyLearner.relabel, OutcomeLog.relabel). Both reach every
+replica through the shared logs (router/shared_learning.py), where they are added beside the cascade's labels.
 """
 
 from __future__ import annotations
@@ -123,5 +124,5 @@ async def label(runtime: Runtime, owner: str, answer_id: str, ok: bool) -> Answe
     ):
         learner.relabel(answered.tier, answered.vector, failed=not ok)
     if answered.confidence is not None:
-        runtime.outcomes.add(Outcome(answered.tier, ok, answered.confidence))
+        runtime.outcomes.relabel(Outcome(answered.tier, ok, answered.confidence))
     return answered

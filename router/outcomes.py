@@ -35,6 +35,19 @@ class OutcomeLog:
         if self.publish is not None:
             self.publish(outcome)
 
+    def relabel(self, outcome: Outcome) -> None:
+        """An application's label (router/feedback.py): it replaces the newest logged outcome of the same tier and
+        confidence (the validators' verdict on that answer) when the log still holds one, else it is added."""
+        logged = self._by_tier.get(outcome.tier, deque())
+        for index in range(len(logged) - 1, -1, -1):
+            if logged[index].confidence == outcome.confidence:
+                logged[index] = outcome
+                self._added[outcome.tier] = self._added.get(outcome.tier, 0) + 1
+                if self.publish is not None:
+                    self.publish(outcome)
+                return
+        self.add(outcome)
+
     def replace(self, tier: str, outcomes: list[Outcome]) -> None:
         """Make the tier's log these outcomes (the newest `size`): the shared log, read back after a sync."""
         self._by_tier[tier] = deque(outcomes, maxlen=self.size)

