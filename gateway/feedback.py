@@ -44,7 +44,7 @@ async def post_feedback(request: Request) -> Response:
     body = parse(FeedbackBody, await read_json(request, runtime.table.server.max_body_bytes))
     context: RequestContext = request.state.context
     ok = body.is_ok()
-    answered = await feedback.label(runtime, context.caller.owner(), body.id, ok)
+    answered = await feedback.label(runtime, context.caller, body.id, ok)
     if answered.route in runtime.table.routes:
         gateway_of(request).metrics.labelled(answered.route, answered.tier, ok)
     return json_response({"id": body.id, "object": "feedback", "ok": ok, "backend": answered.tier})

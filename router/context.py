@@ -29,12 +29,9 @@ class Caller:
     key_id: str = ""
     team: str = ""
     key: KeyRecord | None = None  # the managed key's record: its models, limits and budget
-    # a static key's own digest: they all share one key_id, yet one may not label another's answers (feedback)
-    static_digest: str = ""
-
-    def owner(self) -> str:
-        """Whose answers these are, for POST /v1/feedback."""
-        return self.static_digest or self.key_id or "anonymous"
+    # A `server.api_keys` key's hash: static keys share the id "static" (and their limits) but not what each one
+    # stored (/v1/responses). Empty for other callers.
+    key_hash: str = ""
 
 
 @dataclass

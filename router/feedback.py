@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 
 from backends.errors import NotFound, StoreUnavailable
-from router.context import RequestContext
+from router.context import Caller, RequestContext
 from router.learned import Vector
 from router.outcomes import Outcome
 from router.runtime import Runtime
@@ -77,8 +77,13 @@ class Answered:
             return None
 
 
+def owner(caller: Caller) -> str:
+    """Whose answers these are: a managed key's id, or a static key's own hash (static keys share one id)."""
+    return f"static-{caller.key_hash[:16]}" if caller.key_hash else caller.key_id or "anonymous"
+
+
 def feedback_key(owner: str, answer_id: str) -> str:
-    """Per calling key (Caller.owner): another key's label for the same id finds nothing (404), as an unknown id."""
+    """Per calling key (`owner`): another key's label for the same id finds nothing (404), as an unknown id."""
     return f"{owner}:{answer_id}"
 
 
@@ -99,14 +104,14 @@ async def remember(
     embedder_key = difficulty_key(runtime.table, route) if vector is not None else None
     record = Answered(route, tier, confidence, vector, embedder_key, time.time())
     try:
-        await runtime.store.feedback_put(feedback_key(context.caller.owner(), answer_id), record.encode(), ttl_s)
+        await runtime.store.feedback_put(feedback_key(owner(context.caller), answer_id), record.encode(), ttl_s)
     except StoreUnavailable as error:
         log.warning("answer %s not remembered for feedback: %s", answer_id, error.message)
 
 
-async def label(runtime: Runtime, owner: str, answer_id: str, ok: bool) -> Answered:
-    """Learn `ok` for the answer `answer_id` given to `owner` (Caller.owner); NotFound when there is none."""
-    raw = await runtime.store.feedback_take(feedback_key(owner, answer_id))
+async def label(runtime: Runtime, caller: Caller, answer_id: str, ok: bool) -> Answered:
+    """Learn `ok` for the answer `answer_id` given to `caller`; NotFound when there is none."""
+    raw = await runtime.store.feedback_take(feedback_key(owner(caller), answer_id))
     answered = Answered.decode(raw) if raw is not None else None
     if answered is None:
         raise NotFound(
