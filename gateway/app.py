@@ -35,6 +35,7 @@ from gateway.metrics import metrics_routes
 from gateway.openai_routes import Gateway, gateway_of, routes
 from gateway.reload import PartFactory, PolicySource, Reloader, Running
 from gateway.reload_triggers import Triggers
+from gateway.responses_routes import responses_routes
 from gateway.sessions import Sessions
 from router.loader import DEFAULT_POLICY
 from router.runtime import Runtime, RuntimeRef
@@ -160,7 +161,12 @@ def create_app(
         return health.answer(request, gateway_of(request).runtime)
 
     app.router.routes.extend(
-        [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]), *routes()]
+        [
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            *routes(),
+            *responses_routes(),
+        ]
     )
     app.router.routes.extend(messages_routes())  # Anthropic's Messages API
     app.router.routes.extend(

@@ -89,7 +89,7 @@ async def authenticate(
     if token is None:
         raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'")
     if is_static_key(table, token):
-        return Caller(STATIC)
+        return Caller(STATIC, key_hash=hash_api_key(token))
     if table.server.managed_keys:
         at = time.time() if now is None else now
         record = await _lookup(table, store, known, hash_api_key(token), at)  # StoreUnavailable: 503

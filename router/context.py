@@ -29,6 +29,9 @@ class Caller:
     key_id: str = ""
     team: str = ""
     key: KeyRecord | None = None  # the managed key's record: its models, limits and budget
+    # A `server.api_keys` key's hash: static keys share the id "static" (and their limits) but not what each one
+    # stored (/v1/responses). Empty for other callers.
+    key_hash: str = ""
 
 
 @dataclass
