@@ -44,11 +44,6 @@ class MessageItem(Strict):
     id: StrictStr | None = Field(None, description="The item's id, when it came from an earlier response.")
     status: Literal["in_progress", "completed", "incomplete"] | None = Field(None, description="As output.")
 
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text if isinstance(part, TextPart) else part.refusal for part in self.content)
-
 
 class FunctionCallItem(Strict):
     type: Literal["function_call"] = Field(description="A call the model made.")
@@ -65,9 +60,6 @@ class FunctionCallOutputItem(Strict):
     output: StrictStr | list[TextPart] = Field(description="The result, as text or text parts.")
     id: StrictStr | None = Field(None, description="The item's id.")
     status: Literal["in_progress", "completed", "incomplete"] | None = Field(None, description="As output.")
-
-    def text(self) -> str:
-        return self.output if isinstance(self.output, str) else "".join(part.text for part in self.output)
 
 
 def _item_kind(item: Any) -> str:

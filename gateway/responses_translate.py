@@ -7,22 +7,15 @@ import re
 import secrets
 from typing import Any
 
-from pydantic import TypeAdapter
-
 from backends.errors import TiergateError
 from gateway.responses_schema import (
     FormatJsonObject,
     FormatJsonSchema,
-    FunctionCallItem,
-    FunctionCallOutputItem,
     FunctionChoice,
-    InputItem,
-    MessageItem,
     ResponsesRequest,
 )
 
 Payload = dict[str, Any]
-ITEMS: TypeAdapter[list[InputItem]] = TypeAdapter(list[InputItem])
 # Chat's parameter names, as a Responses client knows them (an error from the pipeline names the latter).
 _CHAT_PARAMS = (
     (re.compile(r"^messages(\[\d+\])?(\.[\w.\[\]]+)?"), "input"),
@@ -48,25 +41,33 @@ def input_items(request: ResponsesRequest) -> list[Payload]:
 
 
 def chat_messages(instructions: str | None, items: list[Payload]) -> list[Payload]:
-    """Chat messages for a conversation: instructions first, calls of one turn folded into one assistant message."""
+    """Chat messages for a conversation: instructions first, calls of one turn folded into one assistant message.
+
+    `items` were validated (this request's by its schema, stored ones when they were stored): read as plain dicts,
+    since validating a long stored conversation again would cost as much as the request itself.
+    """
     messages: list[Payload] = [{"role": "system", "content": instructions}] if instructions is not None else []
-    for item in ITEMS.validate_python(items):
-        if isinstance(item, MessageItem):
-            messages.append({"role": item.role, "content": item.text()})
-        elif isinstance(item, FunctionCallItem):
-            call = {
-                "id": item.call_id,
-                "type": "function",
-                "function": {"name": item.name, "arguments": item.arguments},
-            }
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append({"role": item["role"], "content": _text(item["content"])})
+        elif kind == "function_call":
+            function = {"name": item["name"], "arguments": item["arguments"]}
+            call = {"id": item["call_id"], "type": "function", "function": function}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif isinstance(item, FunctionCallOutputItem):
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text(item["output"])})
     return messages
+
+
+def _text(content: str | list[Payload]) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(str(part.get("text", part.get("refusal", ""))) for part in content)
 
 
 def chat_body(request: ResponsesRequest, items: list[Payload]) -> Payload:
