@@ -39,7 +39,7 @@ models:
     escalate_on: [error]
   remote: {{backend: up}}
 """
-GOLDEN = Path(__file__).parent / "golden" / "responses_stream.txt"
+GOLDEN = Path(__file__).parent / "golden"
 WEATHER: dict[str, Any] = {
     "type": "function",
     "name": "get_weather",
@@ -363,16 +363,35 @@ def test_an_agent_runs_a_function_tool_to_its_final_answer(gateway: Server) -> N
 # --- the golden transcript ---
 
 
-def test_the_event_sequence_of_a_greedy_stream_matches_the_golden_transcript(gateway: Server) -> None:
-    body = {"model": "smol", "input": "Hi!", "stream": True, "temperature": 0, "max_output_tokens": 6}
+GOLDEN_REQUESTS: dict[str, dict[str, Any]] = {
+    # a local greedy answer cut by max_output_tokens: response.incomplete
+    "smol_text": {"model": "smol", "input": "Hi!", "temperature": 0, "max_output_tokens": 6},
+    # a local greedy tool call: the function_call events
+    "smol_call": {
+        "model": "smol",
+        "input": ASK_WEATHER,
+        "tools": [WEATHER],
+        "tool_choice": "required",
+        "temperature": 0,
+        "max_output_tokens": 40,
+    },
+    # the upstream's scripted answer, one word per chunk: the same on every machine
+    "remote_text": {"model": "remote", "input": "Hi!", "instructions": "Be brief.", "metadata": {"case": "golden"}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_REQUESTS))
+def test_the_event_sequence_of_a_greedy_stream_matches_the_golden_transcript(gateway: Server, name: str) -> None:
+    body = {**GOLDEN_REQUESTS[name], "stream": True}
     with httpx.stream(
         "POST", f"{gateway.base_url}/responses", headers={"authorization": "Bearer key-a"}, json=body, timeout=120
     ) as answer:
         assert answer.status_code == 200
         transcript = _normalised("".join(f"{line}\n" for line in answer.iter_lines()))
-    if os.environ.get("TIERGATE_UPDATE_GOLDEN") == "1":
-        GOLDEN.write_text(transcript)
-    assert transcript == GOLDEN.read_text()
+    golden = GOLDEN / f"responses_{name}.txt"
+    if os.environ.get("TIERGATE_UPDATE_GOLDEN") == "1":  # after a deliberate change: rewrite, then review the diff
+        golden.write_text(transcript)
+    assert transcript == golden.read_text()
 
 
 def _normalised(text: str) -> str:
