@@ -404,3 +404,13 @@ def _normalised(text: str) -> str:
 
     text = re.sub(r"\b(resp|msg|fc|call)_[0-9a-f]{16,}", placeholder, text)
     return re.sub(r'"(created_at|completed_at)":\d+', r'"\1":0', text)
+
+
+def test_metrics_count_responses_by_route_not_by_id(gateway: Server, client: OpenAI) -> None:
+    created = client.responses.create(model="remote", input="Hi!")
+    client.responses.retrieve(created.id)
+    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    assert re.search(
+        r'tiergate_requests_total\{backend="up",endpoint="/v1/responses",model="remote",status="200"\}', text
+    )
+    assert 'endpoint="/v1/responses/{id}"' in text and created.id not in text
