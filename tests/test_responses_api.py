@@ -328,7 +328,15 @@ def test_unsupported_features_are_refused_naming_the_parameter(
 
 
 def test_an_agent_runs_a_function_tool_to_its_final_answer(gateway: Server) -> None:
-    from agents import Agent, ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
+    from agents import (
+        Agent,
+        ModelSettings,
+        Runner,
+        function_tool,
+        set_default_openai_api,
+        set_default_openai_client,
+        set_tracing_disabled,
+    )
     from openai import AsyncOpenAI
 
     calls: list[str] = []
@@ -344,20 +352,31 @@ def test_an_agent_runs_a_function_tool_to_its_final_answer(gateway: Server) -> N
 
     async def run() -> Any:
         async with AsyncOpenAI(base_url=gateway.base_url, api_key="key-a", max_retries=0, timeout=120) as model_client:
+            set_default_openai_client(model_client, use_for_tracing=False)
+            set_default_openai_api("responses")
+            set_tracing_disabled(True)  # traces would go to OpenAI
             agent = Agent(
                 name="weather",
                 instructions="Answer with the weather tool.",
                 tools=[get_weather],
-                model=OpenAIResponsesModel(model="smol", openai_client=model_client),
+                model="smol",
                 model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=40),
             )
-            return await Runner.run(agent, ASK_WEATHER, max_turns=3, run_config=RunConfig(tracing_disabled=True))
+            whole = await Runner.run(agent, ASK_WEATHER, max_turns=3)
+            calls.clear()
+            streamed = Runner.run_streamed(agent, ASK_WEATHER, max_turns=3)  # the same over the SSE events
+            async for _event in streamed.stream_events():
+                pass
+            return whole, streamed
 
-    result = asyncio.run(run())
-    assert calls and calls[0]
-    assert isinstance(result.final_output, str) and result.final_output.strip()
-    kinds = [item.type for item in result.new_items]
-    assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
+    for result in asyncio.run(run()):
+        assert isinstance(result.final_output, str) and result.final_output.strip()
+        kinds = [item.type for item in result.new_items]
+        assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
+        assert all(
+            response.response_id and response.response_id.startswith("resp_") for response in result.raw_responses
+        )
+    assert len(calls) == 1 and calls[0]
 
 
 # --- the golden transcript ---
