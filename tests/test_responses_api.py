@@ -30,7 +30,7 @@ responses:
   max_conversation_bytes: 4096
 backends:
   smol: {smol}
-  up: {{type: openai, base_url: "{url}", model: up}}
+  up: {{type: openai, base_url: "{url}", model: up, capabilities: {{tools: true}}}}
   flaky: {{type: openai, base_url: "{url}", model: flaky}}
 models:
   smol: {{backend: smol}}
@@ -243,6 +243,42 @@ def test_a_streamed_call_assembles_to_the_whole_one(client: OpenAI) -> None:
     fragments = [event.delta for event in events if event.type == "response.function_call_arguments.delta"]
     done = [event for event in events if event.type == "response.function_call_arguments.done"]
     assert "".join(fragments) == streamed.arguments == done[0].arguments  # type: ignore[union-attr]
+
+
+def test_a_call_from_the_remote_upstream_and_its_result_relayed_back(client: OpenAI, upstream: UpstreamServer) -> None:
+    call = {"id": "call_up1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+    answer = {
+        "id": "chatcmpl-up",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "up",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12},
+    }
+    upstream.plan("up", Behaviour(raw_body=json.dumps(answer)))
+    first = client.responses.create(model="remote", input="Weather in Rome?", tools=[WEATHER], tool_choice="required")
+    assert [(item.type, item.call_id, item.arguments) for item in first.output] == [  # type: ignore[union-attr]
+        ("function_call", "call_up1", '{"city": "Rome"}')
+    ]
+    assert first.usage is not None and (first.usage.input_tokens, first.usage.output_tokens) == (7, 5)
+    sent = upstream.last_request().body
+    assert sent["tools"] == [{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}]
+    assert sent["tool_choice"] == "required" and sent["parallel_tool_calls"] is True
+
+    result = {"type": "function_call_output", "call_id": "call_up1", "output": "sunny"}
+    final = client.responses.create(model="remote", previous_response_id=first.id, input=[result], tools=[WEATHER])  # type: ignore[list-item]
+    assert final.output_text == "Hello from the upstream"
+    assert upstream.last_request().body["messages"] == [
+        {"role": "user", "content": "Weather in Rome?"},
+        {"role": "assistant", "tool_calls": [call]},  # (the openai backend leaves out content: null)
+        {"role": "tool", "tool_call_id": "call_up1", "content": "sunny"},
+    ]
 
 
 # --- stored responses ---
