@@ -285,10 +285,10 @@ def test_a_call_from_the_remote_upstream_and_its_result_relayed_back(client: Ope
 
 
 def test_previous_response_id_prepends_the_stored_conversation(client: OpenAI) -> None:
-    first = client.responses.create(model="smol", input="My name is Ada.", max_output_tokens=24, temperature=0)
-    alone = client.responses.create(model="smol", input="What is my name?", max_output_tokens=8, store=False)
+    first = client.responses.create(model="smol", input="My name is Ada.", max_output_tokens=12, temperature=0)
+    alone = client.responses.create(model="smol", input="What is my name?", max_output_tokens=1, store=False)
     continued = client.responses.create(
-        model="smol", input="What is my name?", previous_response_id=first.id, max_output_tokens=8
+        model="smol", input="What is my name?", previous_response_id=first.id, max_output_tokens=1
     )
     assert first.usage and alone.usage and continued.usage
     # the continuation's prompt holds the first turn, its answer included
