@@ -31,13 +31,20 @@ state:
 
 
 @pytest.fixture(scope="module")
-def servers(upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def servers(
+    redis_server: RedisServer, upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Server]]:
     folder = tmp_path_factory.mktemp("responses-redis")
-    with RedisServer(folder) as redis_server:
-        policy = folder / "policy.yaml"
-        policy.write_text(POLICY.format(url=upstream.base_url, redis=redis_server.url))
-        with replicas(policy, folder, 2) as running:
-            yield running
+    policy = folder / "policy.yaml"
+    policy.write_text(POLICY.format(url=upstream.base_url, redis=redis_server.url))
+    with replicas(policy, folder, 2) as running:
+        yield running
 
 
 def _key(server: Server, team: str) -> str:
@@ -102,3 +109,22 @@ def test_store_false_keeps_nothing(servers: list[Server]) -> None:
     assert created.store is False
     with pytest.raises(openai.NotFoundError):
         second.client(key).responses.retrieve(created.id)
+
+
+def test_while_redis_is_down_the_answer_is_given_unstored_and_reads_are_503(
+    servers: list[Server], redis_server: RedisServer
+) -> None:
+    first, _ = servers
+    key = _key(first, "search")
+    client = first.client(key)
+    stored = client.responses.create(model="remote", input="Hi!")  # the key is now known to this replica
+    redis_server.kill()
+    try:
+        created = client.responses.create(model="remote", input="Hi!")
+        assert created.output_text == "Hello from the upstream"
+        assert first.log_lines(f"response {created.id} not stored")
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.responses.retrieve(stored.id)
+        assert caught.value.status_code == 503 and caught.value.body["code"] == "store_unavailable"  # type: ignore[index]
+    finally:
+        redis_server.start()
