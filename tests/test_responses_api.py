@@ -469,3 +469,15 @@ def test_metrics_count_responses_by_route_not_by_id(gateway: Server, client: Ope
         r'tiergate_requests_total\{backend="up",endpoint="/v1/responses",model="remote",status="200"\}', text
     )
     assert 'endpoint="/v1/responses/{id}"' in text and created.id not in text
+
+
+def test_an_error_from_the_pipeline_names_the_responses_parameter(client: OpenAI) -> None:
+    bomb = {
+        "type": "function",
+        "name": "bomb",
+        "parameters": {"type": "object", "properties": {"s": {"type": "string", "pattern": "(a+)+$"}}},
+    }
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="smol", input="Hi!", tools=[bomb], tool_choice="required", max_output_tokens=5)  # type: ignore[list-item]
+    error: dict[str, Any] = caught.value.body  # type: ignore[assignment]
+    assert error["param"] == "tools[0].parameters" and "function.parameters" not in error["message"], error
