@@ -36,6 +36,7 @@ from gateway.metrics import metrics_routes
 from gateway.openai_routes import Gateway, gateway_of, routes
 from gateway.reload import PartFactory, PolicySource, Reloader, Running
 from gateway.reload_triggers import Triggers
+from gateway.responses_routes import responses_routes
 from gateway.sessions import Sessions
 from router.loader import DEFAULT_POLICY
 from router.runtime import Runtime, RuntimeRef
@@ -166,6 +167,7 @@ def create_app(
             Route("/readyz", readyz, methods=["GET"]),
             *routes(),
             *feedback_routes(),
+            *responses_routes(),
         ]
     )
     app.router.routes.extend(messages_routes())  # Anthropic's Messages API

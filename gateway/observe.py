@@ -23,7 +23,9 @@ OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "text_completion",
     "/v1/embeddings": "embeddings",
+    "/v1/responses": "chat",  # a generation through the chat pipeline; the endpoint label tells the APIs apart
 }
+STORED_RESPONSE = "/v1/responses/{id}"  # GET and DELETE of a stored response
 
 
 def record_of(
@@ -78,8 +80,8 @@ def record_of(
         id=answer_id or context.request_id,
         request_id=context.request_id,
         at=arrived_at,
-        endpoint=path if path in OPERATIONS or path in ("/v1/models", "/v1/feedback") else "/v1/models/{model}",
-        operation=OPERATIONS.get(path, "models"),
+        endpoint=_endpoint(path),
+        operation=OPERATIONS.get(path, "responses" if _endpoint(path) == STORED_RESPONSE else "models"),
         model=model,
         route_kind=route_kind,
         intent=outcome.intent if outcome is not None else "",
@@ -103,6 +105,13 @@ def record_of(
         policy_version=runtime.version,
         prompt=getattr(state, "prompt", None),
     )
+
+
+def _endpoint(path: str) -> str:
+    """The route, never a raw path (a label with one value per id would grow without end)."""
+    if path in OPERATIONS or path in ("/v1/models", "/v1/feedback"):
+        return path
+    return STORED_RESPONSE if path.startswith("/v1/responses/") else "/v1/models/{model}"
 
 
 def _answer_id(outcome: Answer | Stream | None) -> str:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from backends.registry import BackendSettings, EmbedderSettings
 from router.cache_settings import CacheSettings
 from router.reliability import BreakerSettings, RetrySettings
+from router.responses_settings import ResponsesSettings
 from router.validators import ValidatorSettings
 
 
@@ -373,4 +374,7 @@ class Policy(Section):
     )
     state: StateSettings | None = Field(
         None, description="Where shared state lives: Redis (shared by replicas and workers); absent: process memory."
+    )
+    responses: ResponsesSettings = Field(
+        default_factory=ResponsesSettings, description="Stored responses of /v1/responses: TTL, size cap, scope."
     )

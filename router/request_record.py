@@ -20,7 +20,7 @@ class RequestRecord:
     request_id: str
     at: float  # epoch seconds, when the request arrived
     endpoint: str  # the route's path, e.g. /v1/chat/completions
-    operation: str  # chat, text_completion, embeddings or models (OpenTelemetry's gen_ai.operation.name)
+    operation: str  # chat, text_completion, embeddings, models, responses (stored: GET/DELETE); gen_ai.operation.name
     model: str  # the public model as the policy names it; UNKNOWN for a name it does not; "" for none asked
     route_kind: str  # backend, cascade, intent, embedding ("" when no model was resolved)
     intent: str  # "name=similarity" when an intent route chose the model

@@ -12,6 +12,7 @@ from backends.registry import BackendSettings, EmbedderSettings
 from router.loader import LoadedPolicy, Location, PolicyError
 from router.policy import LimitSettings, ModelRoute, ReliabilitySettings, ServerSettings, StateSettings
 from router.reliability import BreakerSettings, RetrySettings
+from router.responses_settings import ResponsesSettings
 from router.validator_compile import problems as validator_problems
 from router.validators import Validator, build
 
@@ -48,6 +49,7 @@ class RoutingTable:
     reliability: ReliabilitySettings = field(default_factory=ReliabilitySettings)
     state: StateSettings | None = None  # where shared state lives (None: process memory); see store_from
     teams: Mapping[str, LimitSettings] = field(default_factory=dict)
+    responses: ResponsesSettings = field(default_factory=ResponsesSettings)
 
     def route(self, model: str) -> Route:
         found = self.routes.get(model)
@@ -149,6 +151,7 @@ def compile_policy(loaded: LoadedPolicy) -> RoutingTable:
         reliability=policy.reliability,
         state=policy.state,
         teams=MappingProxyType(dict(policy.teams)),
+        responses=policy.responses,
     )
 
 

@@ -292,6 +292,31 @@ def test_cache_entries_expire(new_store: Factory) -> None:
     run(new_store, scenario)
 
 
+# --- stored responses ---
+
+
+def test_stored_responses_belong_to_their_scope_expire_and_delete_once(new_store: Factory) -> None:
+    async def scenario(first: Store, second: Store) -> None:
+        await first.response_put("key:k1", "resp_1", b'{"id": "resp_1"}', ttl_s=30)
+        await first.response_put("team:a:b", "resp_2", b"short-lived", ttl_s=0.2)
+        assert await second.response_get("key:k1", "resp_1") == b'{"id": "resp_1"}'  # another replica reads it
+        assert await second.response_get("key:k2", "resp_1") is None  # another key does not
+        assert await second.response_get("team:a", "b:resp_2") is None  # scopes with ':' do not run together
+        assert await second.response_get("team:a:b", "resp_2") == b"short-lived"
+        await second.response_put("key:k1", "resp_1", b"replaced", ttl_s=30)
+        assert await first.response_get("key:k1", "resp_1") == b"replaced"
+        await asyncio.sleep(0.3)
+        assert await first.response_get("team:a:b", "resp_2") is None
+        assert await second.response_delete("key:k2", "resp_1") is False  # not another scope's to delete
+        assert await second.response_delete("key:k1", "resp_1") is True
+        assert await first.response_delete("key:k1", "resp_1") is False
+        assert await first.response_get("key:k1", "resp_1") is None
+        with pytest.raises(ValueError):
+            await first.response_put("key:k1", "resp_3", b"x", ttl_s=0)
+
+    run(new_store, scenario, replicas=2)
+
+
 # --- capped logs ---
 
 

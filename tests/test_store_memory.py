@@ -57,3 +57,18 @@ def test_the_cache_evicts_the_least_recently_used_within_its_byte_cap() -> None:
         assert await store.cache_get("huge") is None and store.entries()["cache_bytes"] == 900
 
     asyncio.run(scenario())
+
+
+def test_stored_responses_stay_within_their_byte_cap_oldest_dropped_first() -> None:
+    store = MemoryStore(max_response_bytes=1000)
+
+    async def scenario() -> None:
+        for index in range(5):
+            await store.response_put("key:k", f"resp_{index}", bytes(300), ttl_s=60)
+        kept = [await store.response_get("key:k", f"resp_{index}") is not None for index in range(5)]
+        assert kept == [False, False, True, True, True]
+        assert store.entries()["response_bytes"] == 900
+        await store.response_put("key:k", "resp_huge", bytes(2000), ttl_s=60)  # larger than the cap: not kept
+        assert await store.response_get("key:k", "resp_huge") is None and store.entries()["response_bytes"] == 900
+
+    asyncio.run(scenario())

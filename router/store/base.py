@@ -258,6 +258,20 @@ class Store(Protocol):
 
     async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None: ...
 
+    # --- stored responses (/v1/responses), each in the scope (a key or a team) that created it ---
+
+    async def response_put(self, scope: str, response_id: str, value: bytes, ttl_s: float) -> None:
+        """Keep `value` as response `response_id` of `scope` for `ttl_s` (replacing one stored before)."""
+        ...
+
+    async def response_get(self, scope: str, response_id: str) -> bytes | None:
+        """The response if `scope` stored it and it has not expired; another scope's response is None too."""
+        ...
+
+    async def response_delete(self, scope: str, response_id: str) -> bool:
+        """Forget the response; False when `scope` had none by that id."""
+        ...
+
     # --- counters (usage reports) ---
 
     async def count(self, amounts: Mapping[str, Mapping[str, int]], ttl_s: float) -> None:

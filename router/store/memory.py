@@ -61,10 +61,12 @@ class MemoryStore:
         self,
         *,
         max_cache_bytes: int = 64 * 1024 * 1024,
+        max_response_bytes: int = 64 * 1024 * 1024,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
     ) -> None:
         self.max_cache_bytes = max_cache_bytes
+        self.max_response_bytes = max_response_bytes
         self._clock = clock
         self._wall = wall_clock
         self._keys: dict[str, KeyRecord] = {}
@@ -75,6 +77,8 @@ class MemoryStore:
         self._leases: dict[str, dict[str, float]] = {}  # scope -> lease id -> lapses at
         self._cache: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._cache_bytes = 0
+        self._responses: OrderedDict[tuple[str, str], tuple[bytes, float]] = OrderedDict()  # oldest stored first
+        self._response_bytes = 0
         self._logs: dict[str, deque[bytes]] = {}
         self._policy: PolicyRecord | None = None
         self._counters: dict[str, tuple[dict[str, int], float]] = {}  # scope -> (counters, lapses at)
@@ -217,6 +221,37 @@ class MemoryStore:
         while self._cache_bytes > self.max_cache_bytes:
             self._cache_drop(next(iter(self._cache)))
 
+    # --- stored responses (oldest dropped first beyond max_response_bytes) ---
+
+    async def response_put(self, scope: str, response_id: str, value: bytes, ttl_s: float) -> None:
+        check_positive(ttl_s=ttl_s)
+        now = self._now()
+        key = (scope, response_id)
+        if key in self._responses:
+            self._response_drop(key)
+        if len(value) > self.max_response_bytes:
+            return
+        self._responses[key] = (value, now + ttl_s)
+        self._response_bytes += len(value)
+        while self._response_bytes > self.max_response_bytes:
+            self._response_drop(next(iter(self._responses)))
+
+    async def response_get(self, scope: str, response_id: str) -> bytes | None:
+        found = self._responses.get((scope, response_id))
+        if found is None:
+            return None
+        if found[1] <= self._now():
+            self._response_drop((scope, response_id))
+            return None
+        return found[0]
+
+    async def response_delete(self, scope: str, response_id: str) -> bool:
+        found = self._responses.get((scope, response_id))
+        if found is None:
+            return False
+        self._response_drop((scope, response_id))
+        return found[1] > self._now()
+
     # --- counters ---
 
     async def count(self, amounts: Mapping[str, Mapping[str, int]], ttl_s: float) -> None:
@@ -273,6 +308,8 @@ class MemoryStore:
             "leases": sum(len(leases) for leases in self._leases.values()),
             "cache": len(self._cache),
             "cache_bytes": self._cache_bytes,
+            "responses": len(self._responses),
+            "response_bytes": self._response_bytes,
             "logs": sum(len(log) for log in self._logs.values()),
         }
 
@@ -304,6 +341,8 @@ class MemoryStore:
             self._cache_drop(key)
         for scope in [scope for scope, (_, until) in self._counters.items() if until <= now]:
             del self._counters[scope]
+        for stored in [stored for stored, (_, until) in self._responses.items() if until <= now]:
+            self._response_drop(stored)
 
     def _window(self, window: BudgetWindow) -> _Window:
         key = _window_key(window)
@@ -348,6 +387,10 @@ class MemoryStore:
     def _cache_drop(self, key: str) -> None:
         value, _ = self._cache.pop(key)
         self._cache_bytes -= len(value)
+
+    def _response_drop(self, key: tuple[str, str]) -> None:
+        value, _ = self._responses.pop(key)
+        self._response_bytes -= len(value)
 
 
 def _window_key(window: BudgetWindow) -> tuple[str, Period, str]:

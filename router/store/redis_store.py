@@ -349,6 +349,23 @@ class RedisStore:
 
     # --- end of answer feedback ---
 
+    # --- stored responses: one key each, the id first (ids have no ':', scopes may) ---
+
+    def _response_key(self, scope: str, response_id: str) -> str:
+        return self.key("response", response_id, scope)
+
+    async def response_put(self, scope: str, response_id: str, value: bytes, ttl_s: float) -> None:
+        check_positive(ttl_s=ttl_s)
+        ttl_ms = max(1, round(ttl_s * 1000))
+        await self._call(lambda: self.client.set(self._response_key(scope, response_id), value, px=ttl_ms))
+
+    async def response_get(self, scope: str, response_id: str) -> bytes | None:
+        found = await self._call(lambda: self.client.get(self._response_key(scope, response_id)))
+        return as_bytes(found) if found is not None else None
+
+    async def response_delete(self, scope: str, response_id: str) -> bool:
+        return bool(await self._call(lambda: self.client.delete(self._response_key(scope, response_id))))
+
     # --- counters ---
 
     async def count(self, amounts: Mapping[str, Mapping[str, int]], ttl_s: float) -> None:
