@@ -25,7 +25,7 @@ def problems(text: str) -> list[str]:
 
 def test_default_policy_compiles() -> None:
     table = compile_policy(load_policy(ROOT / "policies" / "default.yaml"))
-    assert list(table.routes) == ["smol", "gemma", "auto", "all-MiniLM-L6-v2"]
+    assert list(table.routes) == ["smol", "gemma", "auto", "extract", "all-MiniLM-L6-v2"]
     assert table.route("auto").targets == ("smol", "gemma")
 
 
