@@ -118,29 +118,99 @@ def _bias_processor(bias: dict[int, float]) -> Callable[[Any, Any], Any]:
     return apply
 
 
+def processors_of(params: DecodeParams, probe: ConfidenceProbe | None) -> list[Callable[[Any, Any], Any]]:
+    """The request's logits processors, its logit_bias last (so a constraint first cannot be undone by a bias)."""
+    # the probe sees the model's logits and the constraint's mask, before logit_bias moves them
+    processors = probe.processors(params.logits_processors) if probe is not None else list(params.logits_processors)
+    if params.logit_bias:
+        processors.append(_bias_processor(dict(params.logit_bias)))
+    return processors
+
+
+def seed_of(params: DecodeParams) -> int:
+    return params.seed if params.seed is not None else random.randrange(2**31)
+
+
+class TokenText:
+    """One sequence's answer as its tokens arrive: stop sequences, UTF-8 safety, logprobs and the token limit.
+
+    Shared by the one-sequence loop below and the batch scheduler (backends/llamacpp_batch.py), so both end
+    answers and cut text in exactly the same way. `reason` is set once the answer has ended.
+    """
+
+    def __init__(self, llama: Any, prompt_tokens: list[int], params: DecodeParams, n_ctx: int) -> None:
+        import llama_cpp
+
+        self._llama = llama
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._vocab = llama._model.vocab
+        self.prompt_tokens = prompt_tokens
+        room = n_ctx - len(prompt_tokens)  # the context one sequence may fill
+        self.limit = room if params.max_tokens is None else min(params.max_tokens, room)
+        self._named = tuple(stop for stop in params.stop if stop)
+        self._stops = tuple(stop.encode("utf-8") for stop in self._named)
+        self.stop_sequence: str | None = None  # the one that ended the answer
+        self.completion: list[int] = []
+        self._emitted = 0  # bytes of the completion already handed out
+        self._pending_logprobs: list[TokenLogprob] = []
+        self._stopped_by_sequence = False
+        self.reason: str | None = "length" if self.limit <= 0 else None
+        self.probe = ConfidenceProbe() if params.confidence else None  # fed by processors_of's processors
+
+    def add(self, token: int, logprob: Callable[[int], TokenLogprob] | None = None) -> Piece | None:
+        """Take one sampled token; the text it makes safe to show, if any. May end the answer (see `reason`)."""
+        if self._is_eog(self._vocab, token):
+            self.reason = "stop"
+            return None
+        if self.probe is not None:
+            self.probe.take(token)
+        if logprob is not None:
+            self._pending_logprobs.append(logprob(token))
+        self.completion.append(token)
+        text = self._llama.detokenize(self.completion, prev_tokens=self.prompt_tokens)
+        cut = _first_stop(text, self._stops)
+        if cut < len(text):
+            self.reason, self._stopped_by_sequence = "stop", True
+            self.stop_sequence = next(
+                name for name, stop in zip(self._named, self._stops, strict=True) if text.find(stop) == cut
+            )
+            return Piece(text[self._emitted : cut].decode("utf-8", errors="replace"), self._pending_logprobs)
+        piece = None
+        safe = complete_utf8_prefix(text[: len(text) - held_back_for_stop(text, self._stops)])
+        if safe > self._emitted or self._pending_logprobs:
+            piece = Piece(text[self._emitted : safe].decode("utf-8", errors="replace"), self._pending_logprobs)
+            self._pending_logprobs = []
+            self._emitted = max(self._emitted, safe)
+        if len(self.completion) >= self.limit:
+            self.reason = "length"
+        return piece
+
+    def end(self, reason: str | None = None) -> list[Piece | Finish]:
+        """The held-back tail (unless cancelled or cut at a stop sequence) and the Finish."""
+        reason = reason or self.reason or "length"
+        items: list[Piece | Finish] = []
+        if reason != "cancelled" and not self._stopped_by_sequence:
+            # Flush what was held back as a possible stop prefix or an unfinished character.
+            tail = self._llama.detokenize(self.completion, prev_tokens=self.prompt_tokens)[self._emitted :]
+            if tail:
+                items.append(Piece(tail.decode("utf-8", errors="replace")))
+        confidence = Confidence.of(self.probe.scores) if self.probe is not None else None
+        finish = Finish(reason, len(self.prompt_tokens), len(self.completion), self.stop_sequence, confidence)
+        items.append(finish)
+        return items
+
+
 def decode(
     llama: Any, prompt_tokens: list[int], params: DecodeParams, cancelled: Callable[[], bool]
 ) -> Iterator[Piece | Finish]:
     """Yield text pieces as they become safe to show, then one Finish."""
     import llama_cpp
 
-    n_ctx = llama.n_ctx()
-    room = n_ctx - len(prompt_tokens)
-    limit = room if params.max_tokens is None else min(params.max_tokens, room)
-    named = tuple(stop for stop in params.stop if stop)
-    stops = tuple(stop.encode("utf-8") for stop in named)
-    probe = ConfidenceProbe() if params.confidence else None
-    # the probe sees the model's logits and the constraint's mask, before logit_bias moves them
-    processors = probe.processors(params.logits_processors) if probe is not None else list(params.logits_processors)
-    if params.logit_bias:
-        processors.append(_bias_processor(dict(params.logit_bias)))
-    llama.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
-
-    completion: list[int] = []
-    emitted = 0  # bytes of the completion already yielded
-    pending_logprobs: list[TokenLogprob] = []
-    if limit <= 0:
-        yield Finish("length", len(prompt_tokens), 0)
+    answer = TokenText(llama, prompt_tokens, params, llama.n_ctx())
+    processors = processors_of(params, answer.probe)
+    llama.set_seed(seed_of(params))
+    if answer.reason is not None:
+        yield from answer.end()
         return
     tokens = llama.generate(
         prompt_tokens,
@@ -154,45 +224,25 @@ def decode(
         logits_processor=llama_cpp.LogitsProcessorList(processors) if processors else None,
         grammar=params.grammar,
     )
-    reason = "length"
-    stopped_by_sequence = False
-    matched: str | None = None
+
+    def logprob(token: int) -> TokenLogprob:
+        # The row of logits that predicted `token` is the last one evaluated (needs logits_all).
+        return token_logprob(llama, llama.scores[llama.n_tokens - 1], token, params.top_logprobs)
+
+    reason: str | None = None
     try:
         for token in tokens:
             if cancelled():
                 reason = "cancelled"
                 break
-            if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
-                reason = "stop"
-                break
-            if probe is not None:
-                probe.take(token)
-            if params.logprobs:
-                pending_logprobs.append(_token_logprob(llama, token, params.top_logprobs))
-            completion.append(token)
-            text = llama.detokenize(completion, prev_tokens=prompt_tokens)
-            cut = _first_stop(text, stops)
-            if cut < len(text):
-                yield Piece(text[emitted:cut].decode("utf-8", errors="replace"), pending_logprobs)
-                reason, stopped_by_sequence = "stop", True
-                matched = next(name for name, stop in zip(named, stops, strict=True) if text.find(stop) == cut)
-                break
-            safe = complete_utf8_prefix(text[: len(text) - held_back_for_stop(text, stops)])
-            if safe > emitted or pending_logprobs:
-                yield Piece(text[emitted:safe].decode("utf-8", errors="replace"), pending_logprobs)
-                pending_logprobs = []
-                emitted = max(emitted, safe)
-            if len(completion) >= limit:
+            piece = answer.add(token, logprob if params.logprobs else None)
+            if piece is not None:
+                yield piece
+            if answer.reason is not None:
                 break
     finally:
         tokens.close()
-    if reason != "cancelled" and not stopped_by_sequence:
-        # Flush what was held back as a possible stop prefix or an unfinished character.
-        tail = llama.detokenize(completion, prev_tokens=prompt_tokens)[emitted:]
-        if tail:
-            yield Piece(tail.decode("utf-8", errors="replace"))
-    confidence = Confidence.of(probe.scores) if probe is not None else None
-    yield Finish(reason, len(prompt_tokens), len(completion), matched, confidence=confidence)
+    yield from answer.end(reason)
 
 
 def _first_stop(text: bytes, stops: tuple[bytes, ...]) -> int:
@@ -200,9 +250,9 @@ def _first_stop(text: bytes, stops: tuple[bytes, ...]) -> int:
     return min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))
 
 
-def _token_logprob(llama: Any, token: int, top: int) -> TokenLogprob:
-    # The row of logits that predicted `token` is the last one evaluated (needs logits_all).
-    row = _log_softmax(np.asarray(llama.scores[llama.n_tokens - 1], dtype=np.float64))
+def token_logprob(llama: Any, logits: Any, token: int, top: int) -> TokenLogprob:
+    """The logprob of `token` (and the `top` likeliest alternatives) from the raw logits row that predicted it."""
+    row = _log_softmax(np.asarray(logits, dtype=np.float64))
     text = llama.detokenize([token])
     alternatives: tuple[tuple[str, float, bytes], ...] = ()
     if top:
