@@ -22,7 +22,8 @@ from backends.constraint import constraint_from_request
 from backends.constraint_compiler import ConstrainedProcessor, ConstraintCompiler
 from backends.errors import BackendUnavailable, ContextLengthExceeded, InternalError, TiergateError
 from backends.gate import FifoGate
-from backends.llamacpp_decode import Finish, Piece, decode
+from backends.llamacpp_batch import BatchScheduler
+from backends.llamacpp_decode import DecodeParams, Finish, Piece, decode
 from backends.model_files import check_gguf, resolve
 from backends.protocol import ChatRequest, CompletionRequest
 from backends.settings import BackendSection, ModelSourceSettings, PriceSettings, StrictSettings
@@ -59,6 +60,13 @@ class LlamaCppSettings(BackendSection):
         None, ge=1, description="Largest answer in tokens a request may get (default: the rest of the context)."
     )
     max_queue: int = Field(32, ge=0, description="Requests that may wait for the model; beyond: 503 + Retry-After.")
+    parallel: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Sequences decoded together in one context (continuous batching; 1: one at a time behind a "
+        "FIFO gate). Each adds n_ctx cells to the KV cache.",
+    )
     constraint_compile_s: float = Field(
         10.0, gt=0, description="Longest a response_format / guided_* constraint may take to compile; beyond: 400."
     )
@@ -83,6 +91,7 @@ class LlamaCppSettings(BackendSection):
 
 
 _DONE = object()
+SELF_TEST_N_CTX = 256  # parallel > 1: the Llama's own context only runs the constrained self-test
 
 
 class LlamaCppBackend:
@@ -110,6 +119,7 @@ class LlamaCppBackend:
         self._gate = FifoGate(name, settings.max_queue)
         self._sampled_tokens = 0  # lifetime count, shown by /readyz; proves a cancelled decode stopped
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
+        self._scheduler: BatchScheduler | None = None  # parallel > 1: sequences go here instead of the gate
 
     @property
     def gate(self) -> FifoGate:
@@ -119,13 +129,18 @@ class LlamaCppBackend:
         return self._ready
 
     def status(self) -> dict[str, Any]:
-        return {
+        found = {
             "error": self._load_error,
             "busy": self._gate.busy,
             "waiting": self._gate.waiting,
             "sampled_tokens": self._sampled_tokens,
             "constraints": self._constraints.status() if self._constraints is not None else None,
         }
+        if (scheduler := self._scheduler) is not None:
+            batch = scheduler.status()
+            found.update(busy=batch["active"] > 0, waiting=batch["waiting"], sampled_tokens=scheduler.sampled_tokens)
+            found["batch"] = batch
+        return found
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -141,13 +156,15 @@ class LlamaCppBackend:
 
         path = resolve(self.settings.model.source())
         check_gguf(path)
+        batched = self.settings.parallel > 1
         self._llama = Llama(
             model_path=str(path),
-            n_ctx=self.settings.n_ctx,
+            # batched: this context only runs the constrained self-test; the scheduler has its own
+            n_ctx=min(self.settings.n_ctx, SELF_TEST_N_CTX) if batched else self.settings.n_ctx,
             n_threads=self.settings.n_threads or os.cpu_count(),
             n_batch=self.settings.n_batch,
             n_gpu_layers=self.settings.n_gpu_layers,
-            logits_all=self.settings.logprobs,
+            logits_all=self.settings.logprobs and not batched,  # the scheduler reads each sampled row instead
             verbose=False,
         )
         stat = path.stat()
@@ -190,6 +207,17 @@ class LlamaCppBackend:
             self._unload()
             raise BackendUnavailable(self._self_test_failed(error.message)) from error
         self._constraints = compiler
+        if batched:
+            threads = self.settings.n_threads or os.cpu_count() or 1
+            self._scheduler = BatchScheduler(
+                self._llama,
+                name=self.name,
+                parallel=self.settings.parallel,
+                n_ctx=self.settings.n_ctx,
+                n_batch=self.settings.n_batch,
+                n_threads=threads,
+                max_queue=self.settings.max_queue,
+            )
         self._ready = True
 
     def _self_test_failed(self, reason: str) -> str:
@@ -209,6 +237,9 @@ class LlamaCppBackend:
 
     def _close(self) -> None:
         self._executor.shutdown(wait=True)
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
         if self._constraints is not None:
             self._constraints.close()
             self._constraints = None
@@ -275,6 +306,26 @@ class LlamaCppBackend:
             return str(formatter(messages=template_messages(request), tools=tools).prompt)
         return str(formatter(messages=chat_messages(request)).prompt)
 
+    def _prepare(
+        self,
+        request: GenerationRequest,
+        prompt: str | list[int] | None,
+        processor: ConstrainedProcessor | None,
+        decides: bool,
+    ) -> tuple[list[int], DecodeParams]:
+        tokens = self._tokens_for(request, prompt)
+        params = translate.decode_params(
+            request,
+            self.settings.sampling.model_dump(),
+            max_tokens=self._max_tokens(_requested_tokens(request)),
+        )
+        if processor is not None:
+            # first, so that logit_bias (appended by decode) cannot bring back forbidden tokens; the auto
+            # decision before it, as it reads the model's own probabilities
+            first = (self._decision(), processor) if decides else (processor,)
+            params = dataclasses.replace(params, logits_processors=(*first, *params.logits_processors))
+        return tokens, params
+
     async def _pieces(
         self, request: GenerationRequest, prompt: str | list[int] | None
     ) -> AsyncIterator[Piece | Finish]:
@@ -289,17 +340,7 @@ class LlamaCppBackend:
 
         def work() -> None:
             try:
-                tokens = self._tokens_for(request, prompt)
-                params = translate.decode_params(
-                    request,
-                    self.settings.sampling.model_dump(),
-                    max_tokens=self._max_tokens(_requested_tokens(request)),
-                )
-                if processor is not None:
-                    # first, so that logit_bias (appended by decode) cannot bring back forbidden tokens; the auto
-                    # decision before it, as it reads the model's own probabilities
-                    first = (self._decision(), processor) if decides else (processor,)
-                    params = dataclasses.replace(params, logits_processors=(*first, *params.logits_processors))
+                tokens, params = self._prepare(request, prompt, processor, decides)
                 for item in decode(self._llama, tokens, params, stop_requested):
                     if processor is not None and isinstance(item, Finish):
                         processor.check()  # a failed processor ends the text early; say so instead
@@ -322,6 +363,13 @@ class LlamaCppBackend:
             # Before the gate and off the decode thread: a slow compile must not hold the model for others,
             # and a client that goes away cancels it (ConstraintCompiler.compile).
             processor = await self._constraints.compile(constraint)
+        if (scheduler := self._scheduler) is not None:
+            # Rendering and tokenizing off the loop (a long chat is CPU work); the model is the scheduler's.
+            prepare = self._prepare
+            tokens, params = await loop.run_in_executor(self._executor, prepare, request, prompt, processor, decides)
+            async for item in scheduler.generate(tokens, params, processor):
+                yield item
+            return
         async with self._gate.hold():
             job = loop.run_in_executor(self._executor, work)
             try:

@@ -1,0 +1,355 @@
+"""Continuous batching for an in-process llama.cpp model: many sequences in one context, one decode per step.
+
+A scheduler thread owns a llama.cpp context with `parallel` sequences and `parallel x n_ctx` KV cells, one
+stream of n_ctx per sequence (kv_unified off): every sequence can reach n_ctx and no admitted one can run out of
+cells. Not one unified buffer: there every sequence's attention runs over the other sequences' (masked) cells
+too, which costs CPU time and changes float sums, so an answer depended on its neighbours (measured on SmolLM2,
+8 greedy prompts: 2 of 8 answers differed from the one-at-a-time path with a unified cache, 1 of 8 with streams,
+and a sequence alone in the scheduler matched it exactly). At every step it builds one batch: the last sampled token of every decoding sequence, then as many prompt tokens of
+the sequences still being prefilled as fit in `n_batch` (chunked prefill: a long prompt is spread over steps
+while the others keep decoding). After one llama_decode, each sequence samples from its own logits row with its
+own chain (backends/llamacpp_sampler.py) and turns tokens into text as the one-sequence loop does (TokenText).
+
+Requests are admitted FIFO between steps; at most `max_queue` wait beyond the busy slots, later ones get
+Overloaded (503 + Retry-After). A finished sequence's cells stay in the cache: a later prompt sharing a prefix
+with any sequence's cells gets them copied (llama_memory_seq_cp) and evaluates only the rest.
+
+Cancellation rule: the consumer sets the job's `cancel` event when it stops reading (client gone); the thread
+drops the sequence and removes its cells at the start of the next step, so its sampled-token count stops there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from backends.errors import BackendUnavailable, InternalError, Overloaded, TiergateError
+from backends.llamacpp_decode import DecodeParams, Finish, Piece, TokenLogprob, TokenText, token_logprob
+from backends.llamacpp_sampler import SequenceSampler
+from backends.llamacpp_slots import Slot, Slots
+
+RATE_WINDOW_S = 10.0  # tokens/s in /readyz is measured over this much recent time
+
+
+class Checked(Protocol):
+    """A constraint's processor: after the answer, `check` raises if it failed (ConstrainedProcessor)."""
+
+    def check(self) -> None: ...
+
+
+_DONE = object()
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in the scheduler; fields below `cancel` belong to the scheduler thread."""
+
+    prompt: list[int]
+    params: DecodeParams
+    processor: Checked | None
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Any]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    pending: list[int] = field(default_factory=list)  # prompt tokens not evaluated yet
+    next_token: int | None = None  # sampled, to be evaluated at the next step
+    sampled: int = 0
+    sampler: SequenceSampler | None = None
+    text: TokenText | None = None
+
+    def send(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: nobody is reading any more
+            self.cancel.set()
+
+
+class BatchScheduler:
+    def __init__(
+        self,
+        llama: Any,
+        *,
+        name: str,
+        parallel: int,
+        n_ctx: int,
+        n_batch: int,
+        n_threads: int,
+        max_queue: int,
+    ) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        internals: Any = _internals  # untyped module
+        self.name = name
+        self.parallel = parallel
+        self.n_ctx = n_ctx
+        self.n_batch = max(n_batch, parallel)  # every decoding sequence's token must fit in one batch
+        self.max_queue = max_queue
+        self._llama = llama
+        self._n_vocab = int(llama.n_vocab())
+        # a copy of the one-sequence context's settings (attention, rope, ...), then ours
+        params = llama_cpp.llama_context_params.from_buffer_copy(llama.context_params)
+        params.n_ctx = n_ctx * parallel
+        params.n_seq_max = parallel
+        params.kv_unified = False  # one KV stream per sequence: see the module docstring
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_threads = params.n_threads_batch = n_threads
+        self._context: Any = internals.LlamaContext(model=llama._model, params=params, verbose=False)
+        self._batch: Any = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._slots: Slots[Job] = Slots(parallel)
+        self._waiting: deque[Job] = deque()
+        self._prefilling: list[Job] = []  # admission order: the earliest gets the step's prompt budget first
+        self._wake = threading.Condition()
+        self._closing = False
+        self.sampled_tokens = 0
+        self.prompt_tokens = 0  # evaluated
+        self.reused_tokens = 0  # taken from the cache instead
+        self.steps = 0
+        self._rate: deque[tuple[float, int]] = deque()
+        self._thread = threading.Thread(target=self._run, name=f"batch-{name}", daemon=True)
+        self._thread.start()
+
+    # --- the event-loop side ---
+
+    async def generate(
+        self, prompt: list[int], params: DecodeParams, processor: Checked | None
+    ) -> AsyncIterator[Piece | Finish]:
+        job = Job(prompt, params, processor, asyncio.get_running_loop(), asyncio.Queue())
+        with self._wake:
+            if self._closing:
+                raise BackendUnavailable(f"backend '{self.name}' is shutting down", retry_after=5)
+            busy = len(self._waiting) + len(self._slots.active())
+            if busy >= self.parallel + self.max_queue:
+                raise Overloaded(
+                    f"backend '{self.name}' is busy: {self.parallel} sequences decoding, "
+                    f"{len(self._waiting)} requests already waiting",
+                    retry_after=1.0,
+                )
+            self._waiting.append(job)
+            self._wake.notify()
+        try:
+            while (item := await job.queue.get()) is not _DONE:
+                if isinstance(item, TiergateError):
+                    raise item
+                if isinstance(item, BaseException):
+                    raise InternalError(f"backend '{self.name}' failed: {type(item).__name__}") from item
+                yield item
+        finally:
+            job.cancel.set()
+            with self._wake:
+                self._wake.notify()
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        rate = 0.0
+        if len(self._rate) > 1:
+            (first_time, first_count), (last_time, last_count) = self._rate[0], self._rate[-1]
+            if now - last_time < RATE_WINDOW_S and last_time > first_time:
+                rate = (last_count - first_count) / (last_time - first_time)
+        return {
+            "parallel": self.parallel,
+            "active": len(self._slots.active()),
+            "waiting": len(self._waiting),
+            "tokens_per_s": round(rate, 1),
+            "steps": self.steps,
+            "prompt_tokens_evaluated": self.prompt_tokens,
+            "prompt_tokens_reused": self.reused_tokens,
+            "sequences": [_sequence_status(slot) for slot in self._slots.all],
+        }
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        for slot in self._slots.all:
+            if slot.job is not None:
+                self._end(slot, BackendUnavailable(f"backend '{self.name}' was shut down"))
+        while self._waiting:
+            job = self._waiting.popleft()
+            job.send(BackendUnavailable(f"backend '{self.name}' was shut down"))
+            job.send(_DONE)
+        self._batch.close()
+        self._context.close()
+
+    # --- the scheduler thread ---
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and not self._waiting and not self._has_work():
+                    self._wake.wait()
+                if self._closing:
+                    return
+                admitted = []
+                while self._waiting and self._slots.free():
+                    admitted.append(self._waiting.popleft())
+            for job in admitted:
+                self._admit(job)
+            for slot in self._slots.active():
+                if slot.job is not None and slot.job.cancel.is_set():
+                    self._end(slot, None)
+            if self._slots.active():
+                self._step()
+
+    def _has_work(self) -> bool:
+        return bool(self._slots.active())
+
+    def _admit(self, job: Job) -> None:
+        if job.cancel.is_set():
+            job.send(_DONE)
+            return
+        placement = self._slots.place(job.prompt)
+        slot, memory = placement.slot, self._context
+        reused = placement.reused
+        if placement.source is slot and not memory.kv_cache_seq_rm(slot.seq_id, reused, -1):
+            reused = 0  # this cache cannot cut a sequence in the middle: start it again
+        if reused == 0 or placement.source is not slot:
+            memory.kv_cache_seq_rm(slot.seq_id, -1, -1)
+            if reused and placement.source is not None:
+                # across streams llama.cpp copies whole sequences only: copy, then cut
+                memory.kv_cache_seq_cp(placement.source.seq_id, slot.seq_id, -1, -1)
+                memory.kv_cache_seq_rm(slot.seq_id, reused, -1)
+        source_tokens = placement.source.tokens if placement.source is not None else []
+        slot.tokens = source_tokens[:reused]
+        job.pending = job.prompt[reused:]
+        job.text = TokenText(self._llama, job.prompt, job.params, self.n_ctx)
+        job.sampler = SequenceSampler(self._llama, job.prompt, job.params, self.n_ctx)
+        self.reused_tokens += reused
+        slot.job = job
+        self._slots.touch(slot)
+        if job.text.reason is not None:  # no room left for an answer
+            self._end(slot, None)
+            return
+        self._prefilling.append(job)
+
+    def _step(self) -> None:
+        batch = self._batch.batch
+        batch.n_tokens = 0
+        rows: list[tuple[Slot[Job], int]] = []  # sequences that sample this step, with their logits row
+        added: list[tuple[Slot[Job], list[int]]] = []
+        for slot in self._slots.active():
+            job = slot.job
+            if job is not None and job.next_token is not None:
+                rows.append((slot, self._add(slot.seq_id, [job.next_token], len(slot.tokens), last_logits=True)))
+                added.append((slot, [job.next_token]))
+        budget = self.n_batch - len(rows)
+        for job in list(self._prefilling):
+            if budget <= 0:
+                break
+            slot = self._slot_of(job)
+            chunk = job.pending[:budget]
+            whole = len(chunk) == len(job.pending)
+            row = self._add(slot.seq_id, chunk, len(slot.tokens), last_logits=whole)
+            added.append((slot, chunk))
+            if whole:
+                rows.append((slot, row))
+            budget -= len(chunk)
+        if not added:
+            return
+        try:
+            self._context.decode(self._batch)
+        except RuntimeError as error:
+            for slot, _ in added:
+                self._end(slot, InternalError(f"backend '{self.name}' failed to decode: {error}"), keep=False)
+            return
+        self.steps += 1
+        for slot, tokens in added:
+            slot.tokens.extend(tokens)
+            job = slot.job
+            if job is not None and job.pending:
+                self.prompt_tokens += len(tokens)
+                job.pending = job.pending[len(tokens) :]
+                if not job.pending:
+                    self._prefilling.remove(job)
+        for slot, row in rows:
+            self._sample(slot, row)
+        self._rate.append((time.monotonic(), self.sampled_tokens))
+        while len(self._rate) > 2 and self._rate[-1][0] - self._rate[0][0] > RATE_WINDOW_S:
+            self._rate.popleft()
+
+    def _add(self, seq_id: int, tokens: list[int], position: int, *, last_logits: bool) -> int:
+        """Append tokens of one sequence to the batch; the index of the last one (its logits row)."""
+        batch = self._batch.batch
+        start = int(batch.n_tokens)
+        for offset, token in enumerate(tokens):
+            index = start + offset
+            batch.token[index] = token
+            batch.pos[index] = position + offset
+            batch.n_seq_id[index] = 1
+            batch.seq_id[index][0] = seq_id
+            batch.logits[index] = False
+        last = start + len(tokens) - 1
+        batch.logits[last] = last_logits
+        batch.n_tokens = start + len(tokens)
+        return last
+
+    def _slot_of(self, job: Job) -> Slot[Job]:
+        found: Slot[Job] = next(slot for slot in self._slots.all if slot.job is job)
+        return found
+
+    def _sample(self, slot: Slot[Job], row: int) -> None:
+        job = slot.job
+        assert job is not None and job.sampler is not None and job.text is not None
+        token = job.sampler.sample(self._context, row)
+        job.sampled += 1
+        self.sampled_tokens += 1
+        logprob = None
+        if job.params.logprobs:
+            logits = np.ctypeslib.as_array(self._context.get_logits_ith(row), shape=(self._n_vocab,))
+
+            def logprob(token: int) -> TokenLogprob:
+                return token_logprob(self._llama, logits, token, job.params.top_logprobs)
+
+        piece = job.text.add(token, logprob)
+        if piece is not None:
+            job.send(piece)
+        if job.text.reason is not None:
+            self._end(slot, None)
+        else:
+            job.next_token = token
+
+    def _end(self, slot: Slot[Job], error: BaseException | None, *, keep: bool = True) -> None:
+        """Finish the slot's job (its tail and Finish, or the error) and free the slot.
+
+        Its cells stay as a prompt cache unless it was cancelled (the client is gone: free them) or failed.
+        """
+        job = slot.job
+        assert job is not None
+        cancelled = job.cancel.is_set()
+        if error is not None:
+            job.send(error)
+        elif not cancelled and job.text is not None:
+            for item in job.text.end():
+                if isinstance(item, Finish) and job.processor is not None:
+                    try:
+                        job.processor.check()  # a failed processor ends the text early; say so instead
+                    except TiergateError as failure:
+                        job.send(failure)
+                        break
+                job.send(item)
+        job.send(_DONE)
+        if cancelled or error is not None or not keep:
+            self._context.kv_cache_seq_rm(slot.seq_id, -1, -1)
+            slot.tokens = []
+        if job in self._prefilling:
+            self._prefilling.remove(job)
+        if job.sampler is not None:
+            job.sampler.close()
+        slot.job = None
+
+
+def _sequence_status(slot: Slot[Job]) -> dict[str, Any]:
+    job = slot.job  # read once: the scheduler thread may free the slot meanwhile
+    return {
+        "seq": slot.seq_id,
+        "state": "free" if job is None else "prefill" if job.pending else "decoding",
+        "sampled": job.sampled if job is not None else 0,
+        "cached_tokens": len(slot.tokens),
+    }
