@@ -5,10 +5,13 @@ stream of n_ctx per sequence (kv_unified off): every sequence can reach n_ctx an
 cells. Not one unified buffer: there every sequence's attention runs over the other sequences' (masked) cells
 too, which costs CPU time and changes float sums, so an answer depended on its neighbours (measured on SmolLM2,
 8 greedy prompts: 2 of 8 answers differed from the one-at-a-time path with a unified cache, 1 of 8 with streams,
-and a sequence alone in the scheduler matched it exactly). At every step it builds one batch: the last sampled token of every decoding sequence, then as many prompt tokens of
-the sequences still being prefilled as fit in `n_batch` (chunked prefill: a long prompt is spread over steps
-while the others keep decoding). After one llama_decode, each sequence samples from its own logits row with its
-own chain (backends/llamacpp_sampler.py) and turns tokens into text as the one-sequence loop does (TokenText).
+and a sequence alone in the scheduler matched it exactly).
+
+At every step the thread builds one batch: the last sampled token of every decoding sequence, then as many
+prompt tokens of the sequences still being prefilled as fit in `n_batch` (chunked prefill: a long prompt is
+spread over steps while the others keep decoding). After one llama_decode, each sequence samples from its own
+logits row with its own chain (backends/llamacpp_sampler.py) and turns tokens into text as the one-sequence
+loop does (TokenText).
 
 Requests are admitted FIFO between steps; at most `max_queue` wait beyond the busy slots, later ones get
 Overloaded (503 + Retry-After). A finished sequence's cells stay in the cache: a later prompt sharing a prefix
