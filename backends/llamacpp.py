@@ -24,6 +24,7 @@ from backends.errors import BackendUnavailable, ContextLengthExceeded, InternalE
 from backends.gate import FifoGate
 from backends.llamacpp_batch import BatchScheduler
 from backends.llamacpp_decode import DecodeParams, Finish, Piece, decode
+from backends.memory_estimate import SELF_TEST_N_CTX
 from backends.model_files import check_gguf, resolve
 from backends.protocol import ChatRequest, CompletionRequest
 from backends.settings import BackendSection, ModelSourceSettings, PriceSettings, StrictSettings
@@ -91,7 +92,6 @@ class LlamaCppSettings(BackendSection):
 
 
 _DONE = object()
-SELF_TEST_N_CTX = 256  # parallel > 1: the Llama's own context only runs the constrained self-test
 
 
 class LlamaCppBackend:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # only read here; importing the backend would pull its decodi
     from backends.llamacpp import LlamaCppSettings
 
 MB = 1_000_000
+SELF_TEST_N_CTX = 256  # parallel > 1: the context the constrained self-test runs in (backends/llamacpp.py)
 
 # Bounds on what a header may claim, so that a corrupt or hostile file is refused instead of read for minutes:
 # the largest real vocabularies have ~260k tokens (Gemma 3) and merges lists ~500k entries.
@@ -227,19 +228,22 @@ class MemoryEstimate:
     name: str
     path: Path
     file_bytes: int
-    n_ctx: int  # as llama.cpp allocates it (rounded up to 256)
+    n_ctx: int  # per sequence, as llama.cpp allocates it (rounded up to 256)
     shape: ModelShape
     weights_bytes: int
     kv_cache_bytes: int
     logits_bytes: int
     overhead_bytes: int
+    parallel: int = 1
 
     @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_cache_bytes + self.logits_bytes + self.overhead_bytes
 
     def describe(self) -> str:
-        parts = [f"model file {_mb(self.weights_bytes)}", f"KV cache {_mb(self.kv_cache_bytes)} for n_ctx {self.n_ctx}"]
+        sequences = f" x {self.parallel} sequences" if self.parallel > 1 else ""
+        kv = f"KV cache {_mb(self.kv_cache_bytes)} for n_ctx {self.n_ctx}{sequences}"
+        parts = [f"model file {_mb(self.weights_bytes)}", kv]
         if self.logits_bytes:
             parts.append(f"logprobs buffer {_mb(self.logits_bytes)}")
         parts.append(f"{_mb(self.overhead_bytes)} buffers")
@@ -258,6 +262,13 @@ def estimate(settings: LlamaCppSettings, name: str = "") -> MemoryEstimate:
     # logprobs: llama-cpp-python keeps every position's logits (n_ctx x vocab f32), llama.cpp a batch's in its
     # output buffer and another in the compute graph's last tensor.
     logits = (n_ctx + 2 * n_ubatch) * shape.n_vocab * F32_BYTES if settings.logprobs else 0
+    if settings.parallel > 1:
+        # The batch context (backends/llamacpp_batch.py): one KV stream of n_ctx per sequence, plus the small
+        # context the constrained self-test runs in. Logprobs are read from each sampled row, so no n_ctx x vocab
+        # buffer; only the rows a step asks for (one per sequence) are ever written.
+        self_test = -(-min(settings.n_ctx, SELF_TEST_N_CTX) // KV_PAD) * KV_PAD
+        kv = (n_ctx * settings.parallel + self_test) * shape.kv_elements_per_token * F16_BYTES
+        logits = (settings.parallel + 1) * shape.n_vocab * F32_BYTES if settings.logprobs else 0
     attention = ATTENTION_SCRATCH_COPIES * shape.n_head * n_ubatch * n_ctx * F32_BYTES
     vocabulary = VOCAB_BYTES_PER_TOKEN * shape.n_vocab
     return MemoryEstimate(
@@ -270,6 +281,7 @@ def estimate(settings: LlamaCppSettings, name: str = "") -> MemoryEstimate:
         kv_cache_bytes=kv,
         logits_bytes=logits,
         overhead_bytes=OVERHEAD_BYTES + vocabulary + attention,
+        parallel=settings.parallel,
     )
 
 

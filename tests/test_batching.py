@@ -105,8 +105,9 @@ def test_greedy_answers_decoded_alongside_seven_others_are_those_decoded_alone(
 
 def test_constrained_and_free_requests_share_one_batch(alone: LlamaCppBackend, batched: LlamaCppBackend) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
     constrained = [
-        chat("Give a number as JSON.", response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}),
+        chat("Give a number as JSON.", response_format=response_format),
         chat("Pick two letters.", tiergate={"regex": "[ab]{2}"}),
         chat("Yes or no?", guided_choice=["yes", "no"]),
     ]

@@ -235,3 +235,16 @@ def test_check_fits_names_every_backend_being_built() -> None:
         "(smol: model file 100 MB + KV cache 50 MB for n_ctx 2048 + logprobs buffer 500 MB + 70 MB buffers; "
         "gemma: model file 253 MB + KV cache 240 MB for n_ctx 8192 + 20 MB buffers); 1000 MB is available"
     )
+
+
+def test_parallel_sequences_each_get_n_ctx_cells() -> None:
+    one = estimate(policy_backend("smol", n_ctx=1024, logprobs=False))
+    four = estimate(policy_backend("smol", n_ctx=1024, logprobs=False, parallel=4))
+    # The batch context's four streams of 1024 cells and the 256-cell self-test context: what llama.cpp logged
+    # for them (90.00 MiB + 5.62 MiB, llama-cpp-python 0.3.36).
+    assert four.kv_cache_bytes == 4 * one.kv_cache_bytes + one.kv_cache_bytes // 4
+    assert four.kv_cache_bytes / 2**20 == pytest.approx(95.625)
+    assert "KV cache 100 MB for n_ctx 1024 x 4 sequences" in four.describe()
+    # logprobs: read from each sampled row, not an n_ctx x vocab buffer
+    with_logprobs = estimate(policy_backend("smol", n_ctx=1024, logprobs=True, parallel=4))
+    assert with_logprobs.logits_bytes == 5 * with_logprobs.shape.n_vocab * 4
