@@ -114,6 +114,9 @@ class BatchScheduler:
         self.prompt_tokens = 0  # evaluated
         self.reused_tokens = 0  # taken from the cache instead
         self.steps = 0
+        self.batched_tokens = 0  # tokens sent to llama_decode, prompt chunks included
+        self.decode_s = 0.0  # time in llama_decode
+        self.sample_s = 0.0  # time sampling, constraints and detokenizing (Python, holds the GIL)
         self._rate: deque[tuple[float, int]] = deque()
         self._thread = threading.Thread(target=self._run, name=f"batch-{name}", daemon=True)
         self._thread.start()
@@ -161,6 +164,9 @@ class BatchScheduler:
             "waiting": len(self._waiting),
             "tokens_per_s": round(rate, 1),
             "steps": self.steps,
+            "batched_tokens": self.batched_tokens,
+            "decode_s": round(self.decode_s, 3),
+            "sample_s": round(self.sample_s, 3),
             "prompt_tokens_evaluated": self.prompt_tokens,
             "prompt_tokens_reused": self.reused_tokens,
             "sequences": [_sequence_status(slot) for slot in self._slots.all],
@@ -256,13 +262,17 @@ class BatchScheduler:
             budget -= len(chunk)
         if not added:
             return
+        began = time.perf_counter()
         try:
             self._context.decode(self._batch)
         except RuntimeError as error:
             for slot, _ in added:
                 self._end(slot, InternalError(f"backend '{self.name}' failed to decode: {error}"), keep=False)
             return
+        decoded = time.perf_counter()
+        self.decode_s += decoded - began
         self.steps += 1
+        self.batched_tokens += int(batch.n_tokens)
         for slot, tokens in added:
             slot.tokens.extend(tokens)
             job = slot.job
@@ -273,6 +283,7 @@ class BatchScheduler:
                     self._prefilling.remove(job)
         for slot, row in rows:
             self._sample(slot, row)
+        self.sample_s += time.perf_counter() - decoded
         self._rate.append((time.monotonic(), self.sampled_tokens))
         while len(self._rate) > 2 and self._rate[-1][0] - self._rate[0][0] > RATE_WINDOW_S:
             self._rate.popleft()

