@@ -232,34 +232,39 @@ class BatchScheduler:
         job.sampler = SequenceSampler(self._llama, job.prompt, job.params, self.n_ctx)
         self.reused_tokens += reused
         slot.job = job
-        self._slots.touch(slot)
         if job.text.reason is not None:  # no room left for an answer
             self._end(slot, None)
             return
         self._prefilling.append(job)
 
     def _step(self) -> None:
+        # The step's prompt budget goes to the earliest admitted first; the batch itself is laid out in sequence
+        # order (llama.cpp forms micro-batches of consecutive sequence ids, see Slots.place).
+        decoding = sum(slot.job is not None and slot.job.next_token is not None for slot in self._slots.all)
+        budget = self.n_batch - decoding
+        chunks: dict[int, list[int]] = {}
+        for waiting in self._prefilling:
+            if budget <= 0:
+                break
+            chunks[id(waiting)] = waiting.pending[:budget]
+            budget -= len(chunks[id(waiting)])
         batch = self._batch.batch
         batch.n_tokens = 0
         rows: list[tuple[Slot[Job], int]] = []  # sequences that sample this step, with their logits row
         added: list[tuple[Slot[Job], list[int]]] = []
-        for slot in self._slots.active():
+        for slot in self._slots.all:
             job = slot.job
-            if job is not None and job.next_token is not None:
+            if job is None:
+                continue
+            if job.next_token is not None:
                 rows.append((slot, self._add(slot.seq_id, [job.next_token], len(slot.tokens), last_logits=True)))
                 added.append((slot, [job.next_token]))
-        budget = self.n_batch - len(rows)
-        for job in list(self._prefilling):
-            if budget <= 0:
-                break
-            slot = self._slot_of(job)
-            chunk = job.pending[:budget]
-            whole = len(chunk) == len(job.pending)
-            row = self._add(slot.seq_id, chunk, len(slot.tokens), last_logits=whole)
-            added.append((slot, chunk))
-            if whole:
-                rows.append((slot, row))
-            budget -= len(chunk)
+            elif (chunk := chunks.get(id(job))) is not None:
+                whole = len(chunk) == len(job.pending)
+                row = self._add(slot.seq_id, chunk, len(slot.tokens), last_logits=whole)
+                added.append((slot, chunk))
+                if whole:
+                    rows.append((slot, row))
         if not added:
             return
         began = time.perf_counter()
@@ -275,12 +280,11 @@ class BatchScheduler:
         self.batched_tokens += int(batch.n_tokens)
         for slot, tokens in added:
             slot.tokens.extend(tokens)
-            job = slot.job
-            if job is not None and job.pending:
+            if (prefilled := slot.job) is not None and prefilled.pending:
                 self.prompt_tokens += len(tokens)
-                job.pending = job.pending[len(tokens) :]
-                if not job.pending:
-                    self._prefilling.remove(job)
+                prefilled.pending = prefilled.pending[len(tokens) :]
+                if not prefilled.pending:
+                    self._prefilling.remove(prefilled)
         for slot, row in rows:
             self._sample(slot, row)
         self.sample_s += time.perf_counter() - decoded
@@ -303,10 +307,6 @@ class BatchScheduler:
         batch.logits[last] = last_logits
         batch.n_tokens = start + len(tokens)
         return last
-
-    def _slot_of(self, job: Job) -> Slot[Job]:
-        found: Slot[Job] = next(slot for slot in self._slots.all if slot.job is job)
-        return found
 
     def _sample(self, slot: Slot[Job], row: int) -> None:
         job = slot.job

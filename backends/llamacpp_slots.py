@@ -19,12 +19,11 @@ class Slot(Generic[Job]):
     seq_id: int
     tokens: list[int] = field(default_factory=list)
     job: Job | None = None  # the request decoding here; None: free (its cells kept as a prompt cache)
-    last_used: int = 0
 
 
 @dataclass(frozen=True)
 class Placement(Generic[Job]):
-    """Where a prompt goes: `slot` keeps its first `reused` cells (copied from `source` when that is another slot)."""
+    """Where a prompt goes: `slot` gets the first `reused` cells of `source` (itself: kept, another: copied)."""
 
     slot: Slot[Job]
     source: Slot[Job] | None
@@ -43,7 +42,6 @@ def common_prefix(held: list[int], prompt: list[int]) -> int:
 class Slots(Generic[Job]):
     def __init__(self, count: int) -> None:
         self.all: list[Slot[Job]] = [Slot(seq_id) for seq_id in range(count)]
-        self._clock = 0
 
     def free(self) -> int:
         return sum(slot.job is None for slot in self.all)
@@ -52,28 +50,24 @@ class Slots(Generic[Job]):
         return [slot for slot in self.all if slot.job is not None]
 
     def place(self, prompt: list[int]) -> Placement[Job]:
-        """The free slot for `prompt` and the longest prefix of it already held by any slot (busy ones too).
+        """The lowest-numbered free slot for `prompt`, and the longest prefix of it any slot holds (busy ones too).
 
-        At least the prompt's last token is always evaluated again: its logits give the first answer token.
-        Preferred: the free slot holding that prefix itself (nothing to copy); else the least recently used free
-        slot, whose cached cells are the cheapest to lose. Raises LookupError when no slot is free.
+        Lowest-numbered: llama.cpp splits a batch over per-sequence KV streams into micro-batches of consecutive
+        sequence ids only, so sequences 0, 1, 3 take two passes over the weights where 0, 1, 2 take one; filling
+        the lowest gap keeps the active ids together. The prefix is copied from wherever it is held (the slot
+        itself when it is the one chosen: nothing to copy). At least the prompt's last token is evaluated again:
+        its logits give the first answer token. Raises LookupError when no slot is free.
         """
         free = [slot for slot in self.all if slot.job is None]
         if not free:
             raise LookupError("no free slot")
-        best, source = 0, None
-        busy = [slot for slot in self.all if slot.job is not None]
-        for slot in free + busy:  # free ones first: on a tie, reusing one in place copies nothing
+        chosen = free[0]
+        best, source = common_prefix(chosen.tokens, prompt), chosen
+        for slot in self.all:
             shared = common_prefix(slot.tokens, prompt)
             if shared > best:
                 best, source = shared, slot
         reused = min(best, len(prompt) - 1)
-        if reused <= 0 or source is None:
-            return Placement(min(free, key=lambda slot: slot.last_used), None, 0)
-        if source.job is None:
-            return Placement(source, source, reused)
-        return Placement(min(free, key=lambda slot: slot.last_used), source, reused)
-
-    def touch(self, slot: Slot[Job]) -> None:
-        self._clock += 1
-        slot.last_used = self._clock
+        if reused <= 0:
+            return Placement(chosen, None, 0)
+        return Placement(chosen, source, reused)

@@ -256,15 +256,19 @@ def test_a_repeated_prompt_reuses_its_cached_prefix(batched: LlamaCppBackend) ->
     asyncio.run(scenario())
 
 
-def test_a_free_slot_holding_the_prefix_is_preferred_then_the_least_recently_used() -> None:
+def test_a_prompt_goes_to_the_lowest_free_slot_with_the_longest_held_prefix() -> None:
     slots: Slots[str] = Slots(3)
     a, b, c = slots.all
-    a.tokens, b.tokens, c.tokens = [1, 2, 3, 4], [1, 2, 9], []
-    slots.touch(c)
-    placed = slots.place([1, 2, 3, 7])
-    assert (placed.slot, placed.source, placed.reused) == (a, a, 3)
+    a.tokens, b.tokens, c.tokens = [1, 2, 9], [1, 2, 3, 4], []
+    placed = slots.place([1, 2, 3, 7])  # held by b, copied into a (the lowest free id keeps ids together)
+    assert (placed.slot, placed.source, placed.reused) == (a, b, 3)
     a.job = "busy"
-    placed = slots.place([1, 2, 3, 4])  # the prefix is held by a busy slot: copied into the LRU free one
-    assert (placed.slot, placed.source, placed.reused) == (b, a, 3)  # the last token is evaluated again
+    placed = slots.place([1, 2, 3, 4])  # b holds it all: kept in place, its last token evaluated again
+    assert (placed.slot, placed.source, placed.reused) == (b, b, 3)
+    placed = slots.place([1, 2, 9, 5])  # held by busy a: copied
+    assert (placed.slot, placed.source, placed.reused) == (b, a, 3)
     placed = slots.place([5])
     assert (placed.slot, placed.source, placed.reused) == (b, None, 0)
+    b.job = c.job = "busy"
+    with pytest.raises(LookupError):
+        slots.place([1])
