@@ -192,23 +192,37 @@ class BatchScheduler:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._closing and not self._waiting and not self._has_work():
+                while not self._closing and not self._waiting and not self._slots.active():
                     self._wake.wait()
                 if self._closing:
                     return
-                admitted = []
-                while self._waiting and self._slots.free():
-                    admitted.append(self._waiting.popleft())
-            for job in admitted:
-                self._admit(job)
-            for slot in self._slots.active():
-                if slot.job is not None and slot.job.cancel.is_set():
-                    self._end(slot, None)
-            if self._slots.active():
-                self._step()
+                for gone in [job for job in self._waiting if job.cancel.is_set()]:
+                    self._waiting.remove(gone)  # given up while waiting (its consumer woke us): leaves the line
+                    gone.send(_DONE)
+                room = min(self._slots.free(), len(self._waiting))
+                admitted = [self._waiting.popleft() for _ in range(room)]
+            try:
+                for job in admitted:
+                    self._admit(job)
+                for slot in self._slots.active():
+                    if slot.job is not None and slot.job.cancel.is_set():
+                        self._end(slot, None)
+                if self._slots.active():
+                    self._step()
+            except Exception as error:  # a fault here must not leave every admitted request waiting forever
+                self._fail_all(InternalError(f"backend '{self.name}' failed: {type(error).__name__}: {error}"))
 
-    def _has_work(self) -> bool:
-        return bool(self._slots.active())
+    def _fail_all(self, error: InternalError) -> None:
+        """End every admitted request with `error` and forget the cache, whose bookkeeping is no longer trusted."""
+        for slot in self._slots.all:
+            job, slot.job, slot.tokens = slot.job, None, []
+            if job is not None:
+                job.send(error)
+                job.send(_DONE)
+                if job.sampler is not None:
+                    job.sampler.close()
+        self._prefilling.clear()
+        self._context.kv_cache_clear()
 
     def _admit(self, job: Job) -> None:
         if job.cancel.is_set():

@@ -320,3 +320,18 @@ def test_through_the_gateway_a_full_batch_is_a_503_with_retry_after_and_readyz_s
             assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         answer = client.chat.completions.create(model="smol", messages=hello, max_tokens=2)
         assert answer.usage is not None and answer.usage.completion_tokens == 2
+
+
+def test_more_requests_than_sequences_all_get_answered() -> None:
+    backend = backend_of(parallel=2, max_queue=8)
+
+    async def scenario() -> None:
+        await backend.start()
+        try:
+            answers = await asyncio.gather(*(backend.generate(chat(text, max_tokens=4)) for text in PROMPTS[:6]))
+            assert [answer["usage"]["completion_tokens"] for answer in answers] == [4] * 6
+            assert backend.status()["batch"]["active"] == 0
+        finally:
+            await backend.aclose()
+
+    asyncio.run(scenario())
