@@ -162,6 +162,8 @@ class LlamaCppBackend:
             # batched: this context only runs the constrained self-test; the scheduler has its own
             n_ctx=min(self.settings.n_ctx, SELF_TEST_N_CTX) if batched else self.settings.n_ctx,
             n_threads=self.settings.n_threads or os.cpu_count(),
+            # prompts too: llama-cpp-python evaluates them on every core otherwise, whatever n_threads says
+            n_threads_batch=self.settings.n_threads or os.cpu_count(),
             n_batch=self.settings.n_batch,
             n_gpu_layers=self.settings.n_gpu_layers,
             logits_all=self.settings.logprobs and not batched,  # the scheduler reads each sampled row instead
