@@ -1,10 +1,11 @@
 """Continuous batching benchmark: one-at-a-time gate vs the batcher vs llama-cpp-python's server, one run.
 
 Three servers on loopback, the same SmolLM2 weights and threads: tiergate with `parallel: 1` (the FIFO gate),
-tiergate with `parallel: 8` (backends/llamacpp_batch.py), and `python -m llama_cpp.server`. At each
-concurrency, a fixed number of streamed chat requests (distinct prompts, greedy, end-of-text banned so every
-answer is `--max-tokens` long); then TTFT with a ~400-token shared system prompt, first request vs later ones;
-then how many greedy answers the batcher gives token for token as the gate does, over 50 prompts sent 8 at a time.
+tiergate with `parallel: 8` (backends/llamacpp_batch.py), and `python -m llama_cpp.server`, all up at once and
+each concurrency level run on each in turn. At each concurrency, a fixed number of streamed chat requests
+(distinct prompts, greedy, end-of-text banned so every answer is `--max-tokens` long); then TTFT with a
+~400-token shared system prompt, first request vs later ones; then how many greedy answers the batcher gives
+token for token as the gate does, over 50 prompts sent 8 at a time.
 
 Usage: .venv/bin/python bench/batching.py [--max-tokens 32] [--levels 1,2,4,8,16] [--out bench/results/batching.json]
 """
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,20 +258,27 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     prefix: dict[str, dict[str, float]] = {}
     greedy: dict[str, list[str]] = {}
-    for name, serve in servers.items():
-        print(f"{name} ...", flush=True)
-        with serve() as base_url:
-            asyncio.run(level(base_url, 1, 1, 4, args.level_limit_s))  # warm up: weights paged in
-            for concurrency in levels:
-                requests = args.requests or max(8, 2 * concurrency)
-                figures = level(base_url, concurrency, requests, args.max_tokens, args.level_limit_s)
+    with ExitStack() as stack:
+        # All three up at once and each level run on each in turn (the order rotating), so that the others'
+        # load on this shared machine falls on all three alike rather than on whichever ran in a busy minute.
+        urls = {name: stack.enter_context(serve()) for name, serve in servers.items()}
+        names = list(urls)
+        for name in names:
+            asyncio.run(level(urls[name], 1, 1, 4, args.level_limit_s))  # warm up: weights paged in
+        for turn, concurrency in enumerate(levels):
+            requests = args.requests or max(8, 2 * concurrency)
+            for name in names[turn % 3 :] + names[: turn % 3]:
+                figures = level(urls[name], concurrency, requests, args.max_tokens, args.level_limit_s)
                 row = {"server": name, **asyncio.run(figures)}
                 print(f"  {json.dumps(row)}", flush=True)
                 rows.append(row)
-            prefix[name] = asyncio.run(shared_prefix(base_url, 6))
-            print(f"  shared system prompt: {json.dumps(prefix[name])}", flush=True)
-            if name.startswith("tiergate") and args.agreement_prompts:
-                greedy[name] = asyncio.run(greedy_answers(base_url, args.agreement_prompts, 8, args.max_tokens))
+        for name in names:
+            prefix[name] = asyncio.run(shared_prefix(urls[name], 6))
+            print(f"  {name}, shared system prompt: {json.dumps(prefix[name])}", flush=True)
+        for name in names[:2]:
+            if args.agreement_prompts:
+                greedy[name] = asyncio.run(greedy_answers(urls[name], args.agreement_prompts, 8, args.max_tokens))
+    rows.sort(key=lambda row: names.index(row["server"]))
     machine = f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"
     print(f"\nSmolLM2-135M Q4_1, {args.threads} llama.cpp thread(s), n_ctx {args.n_ctx}, {args.max_tokens} tokens")
     print(f"per answer; {machine}\n")
