@@ -73,14 +73,19 @@ async def one(client: AsyncOpenAI, messages: list[dict[str, str]], max_tokens: i
         temperature=0.0,
         logit_bias=NO_END,  # type: ignore[arg-type]
         stream=True,
+        stream_options={"include_usage": True},
     )
+    counted: int | None = None
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             pieces += 1
             if first is None:
                 first = time.perf_counter()
+        if chunk.usage is not None:
+            counted = chunk.usage.completion_tokens
     ended = time.perf_counter()
-    return Result((first or ended) - started, ended - started, pieces)
+    # usage where the server sends it (tiergate); else one chunk per token (llama_cpp.server streams token by token)
+    return Result((first or ended) - started, ended - started, counted if counted is not None else pieces)
 
 
 def question(index: int) -> list[dict[str, str]]:
@@ -111,14 +116,14 @@ async def level(base_url: str, concurrency: int, requests: int, max_tokens: int,
     await client.close()
     if not results:
         return {"concurrency": concurrency, "requests": 0, "errors": errors}
-    # every answer is max_tokens long (end of text banned); counting stream chunks would undercount merged pieces
-    tokens = max_tokens * len(results)
+    tokens = sum(result.tokens for result in results)  # max_tokens each, unless a server cuts answers short
     return {
         "concurrency": concurrency,
         "requests": len(results),
         "errors": errors,
         "aggregate_tok_s": tokens / wall,
-        "per_request_tok_s": statistics.mean(max_tokens / r.latency_s for r in results),
+        "tokens_per_answer": tokens / len(results),
+        "per_request_tok_s": statistics.mean(r.tokens / r.latency_s for r in results),
         "ttft_p50_s": percentile([r.ttft_s for r in results], 0.5),
         "ttft_p95_s": percentile([r.ttft_s for r in results], 0.95),
         "latency_p50_s": percentile([r.latency_s for r in results], 0.5),
@@ -202,7 +207,9 @@ def llama_cpp_server(folder: Path, n_ctx: int, threads: int) -> Iterator[str]:
     path = resolve(ModelSource(package=MODEL["package"], file=MODEL["file"]))
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "smol"]
     argv += ["--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads)]
-    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    # Its default interrupt_requests=True ends the streaming answer whenever another request arrives (a user
+    # would get cut answers under any concurrency): off, it serves one request at a time to the end, as the gate.
+    argv += ["--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
     with (folder / "llama-cpp-server.log").open("wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
@@ -222,14 +229,15 @@ def llama_cpp_server(folder: Path, n_ctx: int, threads: int) -> Iterator[str]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = "| server | conc. | requests | aggregate tok/s | per-request tok/s | TTFT p50/p95 s | latency p50/p95 s |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    head = "| server | conc. | requests | tokens/answer | aggregate tok/s | per-request tok/s | TTFT p50/p95 s | "
+    lines = [head + "latency p50/p95 s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if not row["requests"]:
-            lines.append(f"| {row['server']} | {row['concurrency']} | 0 | {row['errors'][:1]} | | | |")
+            lines.append(f"| {row['server']} | {row['concurrency']} | 0 | {row['errors'][:1]} | | | | |")
             continue
         lines.append(
-            f"| {row['server']} | {row['concurrency']} | {row['requests']} | {row['aggregate_tok_s']:.1f} | "
+            f"| {row['server']} | {row['concurrency']} | {row['requests']} | {row['tokens_per_answer']:.1f} | "
+            f"{row['aggregate_tok_s']:.1f} | "
             f"{row['per_request_tok_s']:.1f} | {row['ttft_p50_s']:.2f} / {row['ttft_p95_s']:.2f} | "
             f"{row['latency_p50_s']:.2f} / {row['latency_p95_s']:.2f} |"
         )
