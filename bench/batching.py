@@ -163,6 +163,49 @@ async def greedy_answers(base_url: str, prompts: int, concurrency: int, max_toke
     return answers
 
 
+def step_costs(threads: list[int], sizes: list[int], repeats: int = 8) -> list[dict[str, float]]:
+    """Where the batcher's time goes: one llama_decode of k sequences x 1 token, as the scheduler's context does."""
+    import llama_cpp
+    from llama_cpp import _internals
+
+    internals: Any = _internals
+    path = resolve(ModelSource(package=MODEL["package"], file=MODEL["file"]))
+    rows = []
+    for count in threads:
+        llama: Any = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=count, verbose=False)
+        params = llama_cpp.llama_context_params.from_buffer_copy(llama.context_params)
+        params.n_ctx, params.n_seq_max, params.kv_unified = 256 * max(sizes), max(sizes), False
+        params.n_threads = params.n_threads_batch = count
+        context = internals.LlamaContext(model=llama._model, params=params, verbose=False)
+        batch = internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+        prompt = llama.tokenize(b"Tell me about the sea.", add_bos=True)
+        for size in sizes:
+            context.kv_cache_clear()
+            batch.reset()
+            for seq in range(size):
+                batch.add_sequence(prompt, seq, False)
+            context.decode(batch)
+            costs = []
+            for step in range(repeats):
+                batch.reset()
+                for seq in range(size):
+                    index = batch.batch.n_tokens
+                    batch.batch.token[index], batch.batch.pos[index] = 42, len(prompt) + step
+                    batch.batch.n_seq_id[index], batch.batch.seq_id[index][0] = 1, seq
+                    batch.batch.logits[index] = True
+                    batch.batch.n_tokens = index + 1
+                began = time.perf_counter()
+                context.decode(batch)
+                costs.append(time.perf_counter() - began)
+            step_s = statistics.median(costs)
+            rows.append({"threads": count, "sequences": size, "step_ms": 1000 * step_s, "tok_s": size / step_s})
+            print(f"  {json.dumps(rows[-1])}", flush=True)
+        batch.close()
+        context.close()
+        llama.close()
+    return rows
+
+
 def policy(folder: Path, parallel: int, n_ctx: int, threads: int) -> Path:
     path = folder / f"batching-{parallel}.yaml"
     path.write_text(
@@ -253,9 +296,16 @@ def main() -> None:
     parser.add_argument("--level-limit-s", type=float, default=300, help="each level stops after this long")
     parser.add_argument("--n-ctx", type=int, default=1024)
     parser.add_argument("--agreement-prompts", type=int, default=50)
+    parser.add_argument("--profile", action="store_true", help="only time decode steps of 1-16 sequences")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "batching.json")
     args = parser.parse_args()
     levels = [int(item) for item in args.levels.split(",")]
+    if args.profile:
+        rows = step_costs(sorted({1, args.threads}), [1, 2, 4, 8, 16])
+        print("\n| threads | sequences | one decode step | tokens/s |\n|---:|---:|---:|---:|")
+        for row in rows:
+            print(f"| {row['threads']} | {row['sequences']} | {row['step_ms']:.1f} ms | {row['tok_s']:.0f} |")
+        return
     folder = args.out.parent
     folder.mkdir(parents=True, exist_ok=True)
     servers = {
