@@ -362,7 +362,6 @@ class BatchScheduler:
                         job.send(failure)
                         break
                 job.send(item)
-        job.send(_DONE)
         if cancelled or error is not None or not keep:
             self._context.kv_cache_seq_rm(slot.seq_id, -1, -1)
             slot.tokens = []
@@ -371,6 +370,7 @@ class BatchScheduler:
         if job.sampler is not None:
             job.sampler.close()
         slot.job = None
+        job.send(_DONE)  # last: a consumer that has its answer sees the slot free already
 
 
 def _sequence_status(slot: Slot[Job]) -> dict[str, Any]:
