@@ -1,4 +1,4 @@
-"""In-process llama.cpp backend: one model instance, one sequence at a time, decoded off the event loop."""
+"""In-process llama.cpp backend: one model instance, decoded off the event loop, one sequence at a time or batched."""
 
 from __future__ import annotations
 
@@ -367,8 +367,13 @@ class LlamaCppBackend:
             processor = await self._constraints.compile(constraint)
         if (scheduler := self._scheduler) is not None:
             # Rendering and tokenizing off the loop (a long chat is CPU work); the model is the scheduler's.
-            prepare = self._prepare
-            tokens, params = await loop.run_in_executor(self._executor, prepare, request, prompt, processor, decides)
+            preparing = loop.run_in_executor(self._executor, self._prepare, request, prompt, processor, decides)
+            try:
+                tokens, params = await preparing
+            except TiergateError:
+                raise
+            except Exception as error:
+                raise InternalError(f"backend '{self.name}' failed: {type(error).__name__}") from error
             async for item in scheduler.generate(tokens, params, processor):
                 yield item
             return

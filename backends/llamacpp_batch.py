@@ -173,17 +173,11 @@ class BatchScheduler:
         }
 
     def close(self) -> None:
+        """Refuse new requests, let the running and waiting ones finish (as the gate lets its decode end), stop."""
         with self._wake:
             self._closing = True
             self._wake.notify()
         self._thread.join()
-        for slot in self._slots.all:
-            if slot.job is not None:
-                self._end(slot, BackendUnavailable(f"backend '{self.name}' was shut down"))
-        while self._waiting:
-            job = self._waiting.popleft()
-            job.send(BackendUnavailable(f"backend '{self.name}' was shut down"))
-            job.send(_DONE)
         self._batch.close()
         self._context.close()
 
@@ -192,10 +186,10 @@ class BatchScheduler:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._closing and not self._waiting and not self._slots.active():
+                while not self._waiting and not self._slots.active():
+                    if self._closing:
+                        return  # drained: every admitted and waiting request has had its answer
                     self._wake.wait()
-                if self._closing:
-                    return
                 for gone in [job for job in self._waiting if job.cancel.is_set()]:
                     self._waiting.remove(gone)  # given up while waiting (its consumer woke us): leaves the line
                     gone.send(_DONE)

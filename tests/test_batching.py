@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from backends.constraint import constraint_from_request
-from backends.errors import Overloaded
+from backends.errors import BackendUnavailable, Overloaded
 from backends.llamacpp import LlamaCppBackend, LlamaCppSettings
 from backends.llamacpp_slots import Slots
 from backends.protocol import ChatRequest
@@ -333,5 +333,20 @@ def test_more_requests_than_sequences_all_get_answered() -> None:
             assert backend.status()["batch"]["active"] == 0
         finally:
             await backend.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_closing_lets_running_answers_finish_and_refuses_new_ones() -> None:
+    backend = backend_of(parallel=2)
+
+    async def scenario() -> None:
+        await backend.start()
+        running = asyncio.create_task(backend.generate(chat("Tell me about bees.", max_tokens=20, logit_bias=NO_END)))
+        await wait_for(lambda: backend.status()["batch"]["active"] == 1, "the answer to start")
+        await backend.aclose()  # as a reload retires a model: its last answers end first
+        assert (await running)["usage"]["completion_tokens"] == 20
+        with pytest.raises(BackendUnavailable):
+            await backend.generate(chat("Hi"))
 
     asyncio.run(scenario())
