@@ -350,3 +350,20 @@ def test_closing_lets_running_answers_finish_and_refuses_new_ones() -> None:
             await backend.generate(chat("Hi"))
 
     asyncio.run(scenario())
+
+
+def test_stop_sequences_end_batched_answers_as_they_end_answers_alone(
+    alone: LlamaCppBackend, batched: LlamaCppBackend
+) -> None:
+    requests = [chat(text, max_tokens=24, stop=[" ", "\n"]) for text in PROMPTS[:4]]
+
+    async def scenario() -> None:
+        solo = [await alone.generate(request) for request in requests]
+        together = await asyncio.gather(*(batched.generate(request) for request in requests))
+        for a, b in zip(solo, together, strict=True):
+            assert b["choices"][0]["finish_reason"] == "stop"
+            text = b["choices"][0]["message"]["content"]
+            assert " " not in text and "\n" not in text
+            assert text == a["choices"][0]["message"]["content"]
+
+    asyncio.run(scenario())
