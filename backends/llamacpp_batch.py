@@ -34,7 +34,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from backends.errors import BackendUnavailable, InternalError, Overloaded, TiergateError
-from backends.llamacpp_decode import DecodeParams, Finish, Piece, TokenLogprob, TokenText, token_logprob
+from backends.llamacpp_decode import (
+    DecodeParams,
+    Finish,
+    Piece,
+    TokenLogprob,
+    TokenText,
+    processors_of,
+    token_logprob,
+)
 from backends.llamacpp_sampler import SequenceSampler
 from backends.llamacpp_slots import Slot, Slots
 
@@ -237,7 +245,8 @@ class BatchScheduler:
         slot.tokens = source_tokens[:reused]
         job.pending = job.prompt[reused:]
         job.text = TokenText(self._llama, job.prompt, job.params, self.n_ctx)
-        job.sampler = SequenceSampler(self._llama, job.prompt, job.params, self.n_ctx)
+        processors = processors_of(job.params, job.text.probe)  # a confidence probe, if asked, is the answer's
+        job.sampler = SequenceSampler(self._llama, job.prompt, job.params, self.n_ctx, processors)
         self.reused_tokens += reused
         slot.job = job
         if job.text.reason is not None:  # no room left for an answer

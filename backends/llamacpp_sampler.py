@@ -9,11 +9,12 @@ so a sequence samples in a batch as it would alone.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from backends.llamacpp_decode import DecodeParams, processors_of, seed_of
+from backends.llamacpp_decode import DecodeParams, seed_of
 
 PENALTY_LAST_N = 64  # Llama's last_n_tokens_size default, which the one-sequence path uses
 
@@ -21,7 +22,14 @@ PENALTY_LAST_N = 64  # Llama's last_n_tokens_size default, which the one-sequenc
 class SequenceSampler:
     """Samples one sequence's tokens from a batch's logits; `tokens` is what its processors see (prompt + answer)."""
 
-    def __init__(self, llama: Any, prompt_tokens: list[int], params: DecodeParams, n_ctx: int) -> None:
+    def __init__(
+        self,
+        llama: Any,
+        prompt_tokens: list[int],
+        params: DecodeParams,
+        n_ctx: int,
+        processors: list[Callable[[Any, Any], Any]],
+    ) -> None:
         from llama_cpp import _internals
 
         internals: Any = _internals  # untyped module
@@ -29,7 +37,7 @@ class SequenceSampler:
         self._tokens[: len(prompt_tokens)] = prompt_tokens
         self._count = len(prompt_tokens)
         self.seed = seed_of(params)
-        self._processors = processors_of(params)
+        self._processors = processors  # processors_of(params, ...): the request's, logit_bias last
         chain = internals.LlamaSampler()
         if self._processors:
             chain.add_custom(self._apply_processors)
