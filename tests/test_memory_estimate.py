@@ -30,8 +30,9 @@ POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
 
 
 def policy_backend(name: str, **changes: Any) -> LlamaCppSettings:
+    """A default-policy backend as one sequence (what a plain Llama loads), unless `changes` say otherwise."""
     entry = yaml.safe_load(POLICY.read_text())["backends"][name]
-    return LlamaCppSettings.model_validate({**entry, **changes})
+    return LlamaCppSettings.model_validate({**entry, "parallel": 1, **changes})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -144,7 +144,7 @@ def test_cascade_model_answers_from_its_first_tier(gateway: Server, client: Open
 
 def test_models_list_names_the_policy_models(client: OpenAI) -> None:
     names = [model.id for model in client.models.list()]
-    assert names == ["smol", "gemma", "auto", "all-MiniLM-L6-v2"]
+    assert names == ["smol", "gemma", "auto", "extract", "all-MiniLM-L6-v2"]
     assert client.models.retrieve("gemma").id == "gemma"
 
 
