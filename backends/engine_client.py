@@ -17,7 +17,7 @@ import orjson
 
 from backends import engine_wire as wire
 from backends import llamacpp_translate as translate
-from backends.base import Capabilities, GenerationRequest, Payload
+from backends.base import GenerationRequest, Payload
 from backends.constraint import constraint_from_request
 from backends.errors import BackendUnavailable, InternalError, TiergateError
 from backends.llamacpp import LlamaCppSettings
@@ -37,15 +37,7 @@ class EngineBackend:
         self.digest = wire.settings_digest(settings)  # what the engine must have loaded to serve us
         self.socket_path = socket_path
         self.load_timeout_s = load_timeout_s
-        self.capabilities = Capabilities(
-            streaming=True,
-            json_schema=True,
-            logprobs=settings.logprobs,
-            tools=True,
-            max_context=settings.n_ctx,
-            count_tokens=True,
-            confidence=True,
-        )
+        self.capabilities = settings.capabilities()
         self.price = settings.price.price()
         self._session: aiohttp.ClientSession | None = None
         self._watch: asyncio.Task[None] | None = None

@@ -28,6 +28,7 @@ from backends.memory_estimate import SELF_TEST_N_CTX
 from backends.model_files import check_gguf, resolve
 from backends.protocol import ChatRequest, CompletionRequest
 from backends.settings import BackendSection, ModelSourceSettings, PriceSettings, StrictSettings
+from backends.thread_queue import DONE, relayed
 from backends.tool_constraint import check_tools_safe, constraint_for, mode_of
 from backends.tool_decision import FirstDecision, call_start_tokens, vocabulary
 from backends.tool_output import ToolStream, message_of
@@ -90,23 +91,24 @@ class LlamaCppSettings(BackendSection):
     def create(self, name: str) -> LlamaCppBackend:
         return LlamaCppBackend(name, self)
 
-
-_DONE = object()
+    def capabilities(self) -> Capabilities:
+        """What this model can do, in-process or through the engine process alike."""
+        return Capabilities(
+            streaming=True,
+            json_schema=True,
+            logprobs=self.logprobs,
+            tools=True,
+            max_context=self.n_ctx,
+            count_tokens=True,
+            confidence=True,
+        )
 
 
 class LlamaCppBackend:
     def __init__(self, name: str, settings: LlamaCppSettings) -> None:
         self.name = name
         self.settings = settings
-        self.capabilities = Capabilities(
-            streaming=True,
-            json_schema=True,
-            logprobs=settings.logprobs,
-            tools=True,
-            max_context=settings.n_ctx,
-            count_tokens=True,
-            confidence=True,
-        )
+        self.capabilities = settings.capabilities()
         self.price = settings.price.price()
         self.fingerprint = ""
         self._llama: Any = None
@@ -350,7 +352,7 @@ class LlamaCppBackend:
             except BaseException as error:
                 loop.call_soon_threadsafe(queue.put_nowait, error)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+                loop.call_soon_threadsafe(queue.put_nowait, DONE)
 
         if not self._ready or self._constraints is None:
             if self._load_error is not None:
@@ -380,11 +382,7 @@ class LlamaCppBackend:
         async with self._gate.hold():
             job = loop.run_in_executor(self._executor, work)
             try:
-                while (item := await queue.get()) is not _DONE:
-                    if isinstance(item, TiergateError):
-                        raise item
-                    if isinstance(item, BaseException):
-                        raise InternalError(f"backend '{self.name}' failed: {type(item).__name__}") from item
+                async for item in relayed(queue, self.name):
                     yield item
             finally:
                 # Tell the loop to stop (it checks between tokens) and keep the gate until it has.

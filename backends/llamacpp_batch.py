@@ -45,6 +45,7 @@ from backends.llamacpp_decode import (
 )
 from backends.llamacpp_sampler import SequenceSampler
 from backends.llamacpp_slots import Slot, Slots
+from backends.thread_queue import DONE, relayed
 
 RATE_WINDOW_S = 10.0  # tokens/s in /readyz is measured over this much recent time
 
@@ -53,9 +54,6 @@ class Checked(Protocol):
     """A constraint's processor: after the answer, `check` raises if it failed (ConstrainedProcessor)."""
 
     def check(self) -> None: ...
-
-
-_DONE = object()
 
 
 @dataclass(eq=False)
@@ -148,11 +146,7 @@ class BatchScheduler:
             self._waiting.append(job)
             self._wake.notify()
         try:
-            while (item := await job.queue.get()) is not _DONE:
-                if isinstance(item, TiergateError):
-                    raise item
-                if isinstance(item, BaseException):
-                    raise InternalError(f"backend '{self.name}' failed: {type(item).__name__}") from item
+            async for item in relayed(job.queue, self.name):
                 yield item
         finally:
             job.cancel.set()
@@ -200,7 +194,7 @@ class BatchScheduler:
                     self._wake.wait()
                 for gone in [job for job in self._waiting if job.cancel.is_set()]:
                     self._waiting.remove(gone)  # given up while waiting (its consumer woke us): leaves the line
-                    gone.send(_DONE)
+                    gone.send(DONE)
                 room = min(self._slots.free(), len(self._waiting))
                 admitted = [self._waiting.popleft() for _ in range(room)]
             try:
@@ -220,7 +214,7 @@ class BatchScheduler:
             job, slot.job, slot.tokens = slot.job, None, []
             if job is not None:
                 job.send(error)
-                job.send(_DONE)
+                job.send(DONE)
                 if job.sampler is not None:
                     job.sampler.close()
         self._prefilling.clear()
@@ -228,7 +222,7 @@ class BatchScheduler:
 
     def _admit(self, job: Job) -> None:
         if job.cancel.is_set():
-            job.send(_DONE)
+            job.send(DONE)
             return
         placement = self._slots.place(job.prompt)
         slot, memory = placement.slot, self._context
@@ -373,7 +367,7 @@ class BatchScheduler:
         if job.sampler is not None:
             job.sampler.close()
         slot.job = None
-        job.send(_DONE)  # last: a consumer that has its answer sees the slot free already
+        job.send(DONE)  # last: a consumer that has its answer sees the slot free already
 
 
 def _sequence_status(slot: Slot[Job]) -> dict[str, Any]:
