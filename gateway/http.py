@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -23,6 +23,7 @@ _PIECES = re.compile(r"%[0-9A-Fa-f]{2}|.", re.DOTALL)  # an escape already made 
 _LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # Every response header value is made safe at the edge with this bound; callers may clip shorter.
 HEADER_VALUE_LIMIT = 1024
+OFF_LOOP_PARTS = 64  # messages, items and content blocks beyond which validating a request runs in a thread
 
 
 class ClientGone(Exception):
@@ -124,6 +125,25 @@ def parse(model: type[Model], body: dict[str, Any]) -> Model:
         elif param:
             message = f"Invalid value for '{param}': {message}"
         raise BadRequest(message, param=param or None, code="invalid_value") from error
+
+
+def parts_of(turns: Any) -> int:
+    """How many messages (or items) and content blocks a conversation holds: what validating it costs grows
+    with this, not with its bytes (a 1 MiB body of small blocks takes 1-2 s of a busy core)."""
+    if not isinstance(turns, list):
+        return 0
+    return sum(
+        1 + (len(turn["content"]) if isinstance(turn, dict) and isinstance(turn.get("content"), list) else 0)
+        for turn in turns
+    )
+
+
+async def off_loop_beyond(parts: int, work: Callable[..., T], *args: Any) -> T:
+    """CPU work on a request of `parts` parts: in a thread beyond OFF_LOOP_PARTS, so that it cannot hold the
+    event loop; a short request stays on the loop, where a thread hop would cost more than the work."""
+    if parts > OFF_LOOP_PARTS:
+        return await asyncio.to_thread(work, *args)
+    return work(*args)
 
 
 def _param_name(location: tuple[int | str, ...]) -> str:

@@ -8,10 +8,7 @@ gateway/messages_stream.py). The key may come in `x-api-key` (Anthropic's SDKs) 
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable
-from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,7 +18,7 @@ from backends.base import Payload
 from backends.errors import TiergateError
 from backends.protocol import ChatRequest
 from gateway import messages_translate as translate
-from gateway.http import json_response, parse, read_json
+from gateway.http import json_response, off_loop_beyond, parse, parts_of, read_json
 from gateway.messages_schema import CountTokensRequest, MessagesRequest
 from gateway.messages_stream import MessagesStream, events
 from gateway.openai_routes import Dialect, api_endpoint, serve
@@ -43,8 +40,6 @@ def anthropic_error(error: TiergateError) -> Response:
     return json_response(translate.error_body(error), error.status, error.headers())
 
 
-T = TypeVar("T")
-OFF_LOOP_BLOCKS = 64  # turns plus content blocks beyond which a request is validated in a thread
 ANTHROPIC = Dialect(anthropic_credentials, anthropic_error)
 FRAMING = NamedFraming(error_event=translate.error_body)
 
@@ -53,7 +48,7 @@ async def messages(request: Request) -> Response:
     began = time.perf_counter()
     runtime: Runtime = request.state.runtime
     body = await read_json(request, runtime.table.server.max_body_bytes)
-    asked, parsed = await _off_loop_if_long(_generation_request, body)
+    asked, parsed = await off_loop_beyond(parts_of(body.get("messages")), _generation_request, body)
     served = await serve(request, parsed, began)
     if isinstance(served.result, Stream):
         stream = served.result
@@ -75,30 +70,11 @@ def _count_request(body: Payload) -> ChatRequest:
     return parse(ChatRequest, translate.chat_fields(parse(CountTokensRequest, body)))
 
 
-async def _off_loop_if_long(work: Callable[[Payload], T], body: Payload) -> T:
-    """Validating and translating a long conversation is CPU work (a 1 MiB body of small blocks takes 1-2 s on
-    a busy core): off the event loop beyond a few dozen blocks; a short one stays on it, where a thread hop
-    would cost more than the work."""
-    if _blocks(body) > OFF_LOOP_BLOCKS:
-        return await asyncio.to_thread(work, body)
-    return work(body)
-
-
-def _blocks(body: Payload) -> int:
-    turns = body.get("messages")
-    if not isinstance(turns, list):
-        return 0
-    return sum(
-        1 + (len(turn["content"]) if isinstance(turn, dict) and isinstance(turn.get("content"), list) else 0)
-        for turn in turns
-    )
-
-
 async def count(request: Request) -> Response:
     """The prompt's input tokens by the tokenizer of the model's first tier that has one (local tiers)."""
     runtime: Runtime = request.state.runtime
     body = await read_json(request, runtime.table.server.max_body_bytes)
-    parsed = await _off_loop_if_long(_count_request, body)
+    parsed = await off_loop_beyond(parts_of(body.get("messages")), _count_request, body)
     request.state.model = parsed.model
     context: RequestContext = request.state.context
     check_model(runtime.table, context.caller, parsed.model)

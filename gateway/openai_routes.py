@@ -15,7 +15,17 @@ from starlette.routing import Route
 
 from backends.errors import InternalError, NotFound, TiergateError
 from backends.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
-from gateway.http import ClientGone, error_response, header_value, json_response, parse, read_json, unless_disconnected
+from gateway.http import (
+    ClientGone,
+    error_response,
+    header_value,
+    json_response,
+    off_loop_beyond,
+    parse,
+    parts_of,
+    read_json,
+    unless_disconnected,
+)
 from gateway.metrics import Metrics
 from gateway.observe import record_of
 from gateway.sse import EventStream
@@ -256,7 +266,8 @@ async def _settled() -> None:
 async def _generation(request: Request, schema: type[ChatRequest] | type[CompletionRequest]) -> Response:
     began = time.perf_counter()
     runtime: Runtime = request.state.runtime
-    parsed = parse(schema, await read_json(request, runtime.table.server.max_body_bytes))
+    body = await read_json(request, runtime.table.server.max_body_bytes)
+    parsed = await off_loop_beyond(parts_of(body.get("messages")), parse, schema, body)
     served = await serve(request, parsed, began)
     if isinstance(served.result, Stream):
         stream = served.result

@@ -3,11 +3,10 @@ the store for GET, DELETE and `previous_response_id`, streams as named events.""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -16,7 +15,7 @@ from starlette.routing import Route
 
 from backends.errors import BadRequest, NotFound, StoreUnavailable, TiergateError
 from backends.protocol import ChatRequest
-from gateway.http import json_response, parse, read_json
+from gateway.http import json_response, off_loop_beyond, parse, parts_of, read_json
 from gateway.openai_routes import Served, openai_endpoint, serve
 from gateway.responses_schema import ResponsesRequest, refuse_unsupported
 from gateway.responses_stream import ResponseEvents
@@ -30,8 +29,6 @@ from router.runtime import Runtime
 
 log = logging.getLogger("tiergate")
 Payload = dict[str, Any]
-T = TypeVar("T")
-OFF_LOOP_ITEMS = 64
 
 
 def scope_of(caller: Caller, settings: ResponsesSettings) -> str:
@@ -97,12 +94,12 @@ async def create_response(request: Request) -> Response:
     runtime: Runtime = request.state.runtime
     body = await read_json(request, runtime.table.server.max_body_bytes)
     refuse_unsupported(body)
-    parsed, own = await _cpu(_item_count(body.get("input")), _parsed, body)
+    parsed, own = await off_loop_beyond(parts_of(body.get("input")), _parsed, body)
     context: RequestContext = request.state.context
     conversations = Conversations(runtime, context.caller)
     items = await conversations.items(parsed, own)
     try:
-        chat = await _cpu(len(items), _chat_request, parsed, items)
+        chat = await off_loop_beyond(parts_of(items), _chat_request, parsed, items)
         served = await serve(request, chat, began)
     except TiergateError as error:
         raise renamed(error) from None
@@ -116,14 +113,6 @@ async def create_response(request: Request) -> Response:
     return _streamed(parsed, served, events, items, conversations)
 
 
-async def _cpu(items: int, work: Callable[..., T], *args: Any) -> T:
-    """Validation that grows with the number of items runs off the event loop beyond a few (a 1 MiB conversation
-    of small items costs 0.1-0.3 s of CPU); a short one stays on it, where a thread hop would cost more."""
-    if items > OFF_LOOP_ITEMS:
-        return await asyncio.to_thread(work, *args)
-    return work(*args)
-
-
 def _parsed(body: Payload) -> tuple[ResponsesRequest, list[Payload]]:
     parsed = parse(ResponsesRequest, body)
     return parsed, input_items(parsed)
@@ -131,10 +120,6 @@ def _parsed(body: Payload) -> tuple[ResponsesRequest, list[Payload]]:
 
 def _chat_request(parsed: ResponsesRequest, items: list[Payload]) -> ChatRequest:
     return parse(ChatRequest, chat_body(parsed, items))
-
-
-def _item_count(given: Any) -> int:
-    return len(given) if isinstance(given, list) else 1
 
 
 def _model(served: Served, request: ResponsesRequest) -> str:
