@@ -87,6 +87,17 @@ def _text(message: Any) -> str:
     return "".join(block.text for block in message.content if block.type == "text")
 
 
+def _streamed_tool_use(client: anthropic.Anthropic, kwargs: dict[str, Any]) -> tuple[Any, list[str]]:
+    """The SDK's assembled message of a stream, and the `input_json_delta` fragments it was built from."""
+    fragments: list[str] = []
+    with client.messages.stream(**kwargs) as stream:
+        for event in stream:
+            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                fragments.append(event.delta.partial_json)
+        final = stream.get_final_message()
+    return final, fragments
+
+
 # --- a local tier ---
 
 
@@ -166,12 +177,7 @@ def test_streamed_tool_use_is_assembled_to_the_whole_calls_input(client: anthrop
         model="smol", max_tokens=40, tools=[TIME_TOOL], tool_choice={"type": "any"}, messages=ASK_TIME, **GREEDY
     )
     whole = client.messages.create(**kwargs)
-    fragments: list[str] = []
-    with client.messages.stream(**kwargs) as stream:
-        for event in stream:
-            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
-                fragments.append(event.delta.partial_json)
-        final = stream.get_final_message()
+    final, fragments = _streamed_tool_use(client, kwargs)
     (streamed,) = [block for block in final.content if block.type == "tool_use"]
     (expected,) = [block for block in whole.content if block.type == "tool_use"]
     assert final.stop_reason == "tool_use" and streamed.name == expected.name
@@ -183,12 +189,7 @@ def test_a_live_tool_stream_relays_the_fragments_as_decoded(client: anthropic.An
     kwargs: dict[str, Any] = dict(
         model="smol-live", max_tokens=40, tools=[TIME_TOOL], tool_choice={"type": "any"}, messages=ASK_TIME, **GREEDY
     )
-    fragments: list[str] = []
-    with client.messages.stream(**kwargs) as stream:
-        for event in stream:
-            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
-                fragments.append(event.delta.partial_json)
-        final = stream.get_final_message()
+    final, fragments = _streamed_tool_use(client, kwargs)
     (streamed,) = [block for block in final.content if block.type == "tool_use"]
     assert len(fragments) > 1 and json.loads("".join(fragments)) == streamed.input
     jsonschema.validate(streamed.input, TIME_TOOL["input_schema"])
@@ -340,12 +341,7 @@ def test_a_remote_tiers_tool_call_whole_and_streamed(client: anthropic.Anthropic
     ]
     sent = upstream.last_request().body
     assert sent["tool_choice"] == "required" and sent["tools"][0]["function"]["parameters"] == TIME_TOOL["input_schema"]
-    fragments: list[str] = []
-    with client.messages.stream(**kwargs) as stream:
-        for event in stream:
-            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
-                fragments.append(event.delta.partial_json)
-        final = stream.get_final_message()
+    final, fragments = _streamed_tool_use(client, kwargs)
     assert "".join(fragments) == arguments and final.content[0].input == {"city": "Rome"}  # type: ignore[union-attr]
     assert final.stop_reason == "tool_use"
 
