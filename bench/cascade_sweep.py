@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 SIGNALS = ("mean", "min", "free_mean", "free_min", "choice")
-KINDS = ("extract", "classify", "arith")
+KINDS = ("extract", "classify", "arith", "text")
+# what each task kind constrains, as a policy's `confidence.by_kind` names it (router/request_kind.py)
+CLASS_OF = {"extract": "schema", "classify": "choices", "arith": "regex", "text": "text"}
 
 # one task's record, as bench/cascade.py writes it: {"kind", "smol": {...}, "gemma": {...}}, each tier with
 # "correct" (bool), "cost_usd", "confidence" (the tiergate_confidence record or None), "grounded" (bool)
@@ -69,6 +71,12 @@ def point(records: list[Record], mechanism: str, threshold: float | None, escala
     return Point(mechanism, threshold, escalated / len(records), correct / len(records), cost / gemma_cost)
 
 
+def gemma_alone(records: list[Record]) -> Point:
+    """The top tier alone: its own cost, the unit of every share (not a cascade that always escalates, which
+    would pay smol too)."""
+    return Point("gemma alone", None, 1.0, sum(r["gemma"]["correct"] for r in records) / len(records), 1.0)
+
+
 def _signal(record: Record, name: str) -> float:
     confidence = record["smol"]["confidence"]
     return confidence[name] if confidence else -math.inf
@@ -89,7 +97,7 @@ def sweep(records: list[Record]) -> list[Point]:
     """Both tiers alone, the validators-only cascade, grounded, and every signal's threshold (alone, with grounded)."""
     points = [
         point(records, "smol alone", None, lambda r: False),
-        point(records, "gemma alone", None, lambda r: True),
+        gemma_alone(records),
         point(records, "grounded (extract)", None, _grounded_fails),
     ]
     for signal in SIGNALS:
@@ -99,6 +107,85 @@ def sweep(records: list[Record]) -> list[Point]:
             points.append(point(records, signal, cut, _below(signal, cut)))
             points.append(point(records, f"grounded + {signal}", cut, _below(signal, cut, grounded=True)))
     return points
+
+
+@dataclass(frozen=True)
+class KindRule:
+    """One task kind's escalation in a per-kind policy: escalate when smol's `metric` is below `threshold`."""
+
+    metric: str | None  # None: never escalate this kind
+    threshold: float | None = None
+
+    def escalates(self, record: Record) -> bool:
+        return self.metric is not None and self.threshold is not None and _signal(record, self.metric) < self.threshold
+
+    def describe(self) -> str:
+        return "not scored" if self.metric is None else f"{self.metric} < {self.threshold:.3f}"
+
+
+def per_kind(records: list[Record], rules: dict[str, KindRule], mechanism: str) -> Point:
+    """The cascade a policy with one rule per task kind gives (a kind without a rule is never escalated)."""
+    never = KindRule(None)
+    return point(records, mechanism, None, lambda r: rules.get(r["kind"], never).escalates(r))
+
+
+def _kind_options(records: list[Record], signals: tuple[str, ...]) -> list[tuple[float, int, KindRule]]:
+    """Every rule one kind can take, as (extra cost over smol alone, correct answers, rule), cheapest per count."""
+    options = [(0.0, sum(r["smol"]["correct"] for r in records), KindRule(None))]
+    for signal in signals:
+        values = sorted({_signal(r, signal) for r in records})
+        for cut in (*((a + b) / 2 for a, b in itertools.pairwise(values)), values[-1] + 1):
+            rule = KindRule(signal, round(cut, 4))
+            up = [rule.escalates(r) for r in records]
+            cost = sum(r["gemma"]["cost_usd"] for r, u in zip(records, up, strict=True) if u)
+            correct = sum(r["gemma" if u else "smol"]["correct"] for r, u in zip(records, up, strict=True))
+            options.append((cost, correct, rule))
+    best: dict[int, tuple[float, int, KindRule]] = {}
+    for option in options:  # in order: "never" first, so it wins a tie
+        if option[1] not in best or option[0] < best[option[1]][0] - 1e-15:
+            best[option[1]] = option
+    return list(best.values())
+
+
+def _joint(records: list[Record], signals: tuple[str, ...]) -> dict[int, tuple[float, dict[str, KindRule]]]:
+    """For every number of right answers one rule per kind can give, the cheapest such set of rules (its extra
+    cost over smol alone)."""
+    totals: dict[int, tuple[float, dict[str, KindRule]]] = {0: (0.0, {})}
+    for kind in KINDS:
+        chosen = [r for r in records if r["kind"] == kind]
+        if not chosen:
+            continue
+        merged: dict[int, tuple[float, dict[str, KindRule]]] = {}
+        for correct, (cost, rules) in totals.items():
+            for extra, kind_correct, rule in _kind_options(chosen, signals):
+                key, value = correct + kind_correct, cost + extra
+                if key not in merged or value < merged[key][0] - 1e-15:
+                    merged[key] = (value, {**rules, kind: rule})
+        totals = merged
+    return totals
+
+
+def joint_choice(
+    records: list[Record], target_correct: float, signals: tuple[str, ...] = SIGNALS
+) -> dict[str, KindRule] | None:
+    """One rule per task kind, chosen together: the cheapest set whose answers are right at least `target_correct`
+    times (a kind where the small tier is better can pay for one where it is worse). None if no set reaches it."""
+    totals = _joint(records, signals)
+    reaching = [(cost, rules) for correct, (cost, rules) in totals.items() if correct >= target_correct - 1e-9]
+    return min(reaching, key=lambda item: item[0])[1] if reaching else None
+
+
+def joint_best(records: list[Record], budget_share: float, signals: tuple[str, ...] = SIGNALS) -> dict[str, KindRule]:
+    """One rule per task kind, chosen together: the most right answers at no more than `budget_share` of Gemma
+    alone's cost (the cheapest such set on a tie; no escalation at all if even smol alone costs more)."""
+    gemma = sum(r["gemma"]["cost_usd"] for r in records) or 1e-12
+    smol = sum(r["smol"]["cost_usd"] for r in records)
+    within = [
+        (correct, -cost, rules)
+        for correct, (cost, rules) in _joint(records, signals).items()
+        if (smol + cost) / gemma <= budget_share + 1e-12
+    ]
+    return max(within, key=lambda item: item[:2])[2] if within else {}
 
 
 def frontier(points: list[Point]) -> list[Point]:

@@ -1,15 +1,19 @@
 """Checkable tasks with gold answers, in two differently built families (seeded).
 
-Family "a" (120 tasks): person extraction, sentiment labels, short arithmetic with symbols.
-Family "b" (120 tasks): company extraction from other sentence templates, topic labels over four classes,
-arithmetic as word problems: another schema, another label set, other prompts; used to check that what is
-chosen on family "a" holds on tasks it was not chosen on.
+Family "a": person extraction, sentiment labels, short arithmetic with symbols, free-text questions (capitals,
+opposites). Family "b": company extraction from other sentence templates, topic labels over four classes,
+arithmetic as word problems, free-text questions of other kinds (colours, counts): another schema, another label
+set, other prompts; used to check that what is chosen on family "a" holds on tasks it was not chosen on.
+
+Kinds: "extract" (a JSON schema), "classify" (a choice set), "arith" (a regex), "text" (no constraint: free chat,
+judged by whether a gold word appears in the answer).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +68,7 @@ REVIEWS = {
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "extract", "classify" or "arith"
+    kind: str  # "extract", "classify", "arith" or "text"
     prompt: str
     gold: Any
     options: dict[str, Any] = field(default_factory=dict)  # extra request fields
@@ -75,6 +79,9 @@ class Task:
             return text.casefold() == str(self.gold)
         if self.kind == "arith":
             return text == str(self.gold)
+        if self.kind == "text":
+            words = re.findall(r"[a-z0-9]+", text.casefold())
+            return any(gold in words for gold in self.gold)
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
@@ -114,6 +121,12 @@ def classification_tasks() -> list[Task]:
     return tasks
 
 
+# The answer may end with a newline: without it the constraint leaves a base model (Gemma), which never ends a
+# number with its end-of-text token, no way to stop but running on to the bound ("14000" for 14).
+ARITH_REGEX = r"-?\d{1,5}\n?"
+WORD_PROBLEM_REGEX = r"\d{1,4}\n?"
+
+
 def arithmetic_tasks(rng: random.Random, count: int) -> list[Task]:
     tasks = []
     for _ in range(count):
@@ -121,13 +134,35 @@ def arithmetic_tasks(rng: random.Random, count: int) -> list[Task]:
         op = rng.choice(["+", "-", "*"])
         gold = a + b if op == "+" else a - b if op == "-" else a * b
         prompt = f"Compute {a} {op} {b}. Reply with the number only.\n\nAnswer:"
-        tasks.append(Task("arith", prompt, gold, {"extra_body": {"tiergate": {"regex": r"-?\d{1,5}"}}}))
+        tasks.append(Task("arith", prompt, gold, {"extra_body": {"tiergate": {"regex": ARITH_REGEX}}}))
+    return tasks
+
+
+CAPITALS = {
+    "France": "paris", "Japan": "tokyo", "Italy": "rome", "Spain": "madrid", "Germany": "berlin",
+    "Egypt": "cairo", "Russia": "moscow", "Greece": "athens", "Portugal": "lisbon", "Norway": "oslo",
+    "Sweden": "stockholm", "Poland": "warsaw", "Ireland": "dublin", "Austria": "vienna", "Kenya": "nairobi",
+    "Peru": "lima", "Cuba": "havana", "Thailand": "bangkok", "Finland": "helsinki", "Hungary": "budapest",
+}
+OPPOSITES = {
+    "hot": "cold", "up": "down", "day": "night", "big": "small", "fast": "slow", "happy": "sad", "open": "closed",
+    "wet": "dry", "light": "dark", "full": "empty", "old": "young", "hard": "soft", "early": "late",
+    "rich": "poor", "win": "lose", "thick": "thin", "strong": "weak", "loud": "quiet", "buy": "sell", "push": "pull",
+}
+
+
+def question_tasks() -> list[Task]:
+    """Free text, no constraint: what a general `auto` model mostly serves."""
+    tasks = [Task("text", f"What is the capital of {country}? Answer in one word.", [city])
+             for country, city in CAPITALS.items()]
+    tasks += [Task("text", f"What is the opposite of \"{word}\"? Answer in one word.", [opposite])
+              for word, opposite in OPPOSITES.items()]
     return tasks
 
 
 def all_tasks(seed: int = 7) -> list[Task]:
     rng = random.Random(seed)
-    return [*extraction_tasks(rng, 50), *classification_tasks(), *arithmetic_tasks(rng, 40)]
+    return [*extraction_tasks(rng, 50), *classification_tasks(), *arithmetic_tasks(rng, 40), *question_tasks()]
 
 
 COMPANIES = [
@@ -207,13 +242,42 @@ def word_problem_tasks(rng: random.Random, count: int) -> list[Task]:
             a += b
         gold = a + b if op == "+" else a - b if op == "-" else a * b
         prompt = template.format(name=rng.choice(NAMES).split()[0], a=a, b=b) + " Answer with a number."
-        tasks.append(Task("arith", prompt, gold, {"extra_body": {"tiergate": {"regex": r"\d{1,4}"}}}))
+        tasks.append(Task("arith", prompt, gold, {"extra_body": {"tiergate": {"regex": WORD_PROBLEM_REGEX}}}))
+    return tasks
+
+
+COLOURS = {
+    "a ripe banana": ["yellow"], "fresh grass": ["green"], "snow": ["white"], "coal": ["black"],
+    "a clear daytime sky": ["blue"], "blood": ["red"], "a ripe tomato": ["red"], "milk": ["white"],
+    "a lemon": ["yellow"], "a carrot": ["orange"], "charcoal": ["black"], "an emerald": ["green"],
+    "a lime": ["green"], "a ruby": ["red"], "chocolate": ["brown"], "a polar bear's fur": ["white"],
+    "a crow": ["black"], "the sea on a sunny day": ["blue"], "a pumpkin": ["orange"], "an eggplant": ["purple"],
+}
+COUNTS = {
+    "days are there in a week": ["seven", "7"], "months are there in a year": ["twelve", "12"],
+    "legs does a spider have": ["eight", "8"], "sides does a triangle have": ["three", "3"],
+    "wheels does a bicycle have": ["two", "2"], "hours are there in a day": ["24", "twenty"],
+    "minutes are there in an hour": ["sixty", "60"], "legs does a dog have": ["four", "4"],
+    "sides does a square have": ["four", "4"], "players are on a football (soccer) team": ["eleven", "11"],
+    "continents are there": ["seven", "7"], "legs does an insect have": ["six", "6"],
+    "seconds are there in a minute": ["sixty", "60"], "strings does a standard guitar have": ["six", "6"],
+    "days are there in a leap year": ["366"], "planets are there in the solar system": ["eight", "8"],
+    "sides does a hexagon have": ["six", "6"], "eyes does a person have": ["two", "2"],
+    "fingers are on one hand": ["five", "5"], "years are there in a century": ["hundred", "100"],
+}
+
+
+def fact_tasks(rng: random.Random) -> list[Task]:
+    """Free text of family b: other questions, phrased another way."""
+    tasks = [Task("text", f"Question: what colour is {thing}?", golds) for thing, golds in COLOURS.items()]
+    tasks += [Task("text", f"Question: how many {what}?", golds) for what, golds in COUNTS.items()]
+    rng.shuffle(tasks)
     return tasks
 
 
 def family_b(seed: int = 1234) -> list[Task]:
     rng = random.Random(seed)
-    return [*company_tasks(rng, 50), *topic_tasks(rng), *word_problem_tasks(rng, 50)]
+    return [*company_tasks(rng, 50), *topic_tasks(rng), *word_problem_tasks(rng, 50), *fact_tasks(rng)]
 
 
 FAMILIES = {"a": all_tasks, "b": family_b}
