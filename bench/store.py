@@ -55,12 +55,18 @@ async def log_append(store: Store, index: int) -> None:
     await store.log_append("bench:outcomes", b"x" * 200, 5000)
 
 
+async def feedback_put(store: Store, index: int) -> None:
+    # what every answer of a cascade model waits on before it is sent (router/feedback.py remember): ~250 bytes
+    await store.feedback_put(f"bench:key:chatcmpl-{index}", b"x" * 250, 3600.0)
+
+
 OPERATIONS: dict[str, Operation] = {
     "hit": hit,
     "reserve + settle (2 scopes)": reserve_settle,
     "acquire + release": acquire_release,
     "cache set + get (2 KiB)": cache_set_get,
     "log_append": log_append,
+    "feedback_put (an answer remembered)": feedback_put,
 }
 
 
