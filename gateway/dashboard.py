@@ -8,6 +8,7 @@ import hmac
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,6 +20,7 @@ from gateway.health import Health
 from gateway.http import error_response, json_response, read_json
 from gateway.openai_routes import gateway_of, traces_store
 from gateway.sessions import COOKIE, session_of, sessions_of
+from router import feedback_counts
 from router.dashboard import summarize
 from router.store.base import Store
 
@@ -113,13 +115,20 @@ def dashboard_routes() -> list[Route]:
     ]
 
 
+def _figures(traces: list[dict[str, Any]], labels: list[dict[str, int]], now: float) -> dict[str, Any]:
+    return {**summarize(traces, now, BUCKET_S, BUCKETS).to_json(), "feedback": feedback_counts.tally(labels)}
+
+
 async def summary(request: Request, store: Store) -> Response:
-    """The summary of the kept traces, with the backends' states (as /readyz details) and the policy version."""
+    """The summary of the kept traces and of the feedback labels, with the backends' states (as /readyz details)
+    and the policy version."""
     gateway = gateway_of(request)
     runtime = gateway.runtime
+    now = time.time()
     traces = await gateway.traces.read(traces_store(runtime), runtime.table.server.traces)
+    labels = await feedback_counts.read_days(store, now)  # the shared store's counters with `state:`
     # ~2.4 ms per 1000 traces (server.traces may keep 100000: ~240 ms): off the event loop.
-    found = (await asyncio.to_thread(summarize, traces, time.time(), BUCKET_S, BUCKETS)).to_json()
+    found = await asyncio.to_thread(_figures, traces, labels, now)
     health: Health = request.app.state.health
     details = health.details(runtime, health.readiness(runtime))
     tiers = {name: route.candidates() for name, route in runtime.table.routes.items() if route.kind == "cascade"}

@@ -7,6 +7,7 @@ the cascade's own outcomes: a difficulty example for the tier, so that similar r
 there (or not), and an outcome for the tier's confidence calibration; each replaces the label the cascade gave
 that answer when this replica still holds it (DifficultyLearner.relabel, OutcomeLog.relabel). Both reach every
 replica through the shared logs (router/shared_learning.py), where they are added beside the cascade's labels.
+Each label is also counted for the dashboard's Feedback panel (router/feedback_counts.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import orjson
 
 from backends.errors import NotFound, StoreUnavailable
 from router.context import Caller, RequestContext
+from router.feedback_counts import count_label
 from router.learned import Vector
 from router.outcomes import Outcome
 from router.runtime import Runtime
@@ -130,4 +132,5 @@ async def label(runtime: Runtime, caller: Caller, answer_id: str, ok: bool) -> A
         learner.relabel(answered.tier, answered.vector, failed=not ok)
     if answered.confidence is not None:
         runtime.outcomes.relabel(Outcome(answered.tier, ok, answered.confidence))
+    await count_label(runtime.store, answered.route, answered.tier, ok, time.time())  # the dashboard's panel
     return answered

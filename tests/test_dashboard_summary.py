@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from openai import OpenAI
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from router.dashboard import escalations, percentile, summarize
-from router.store import MemoryStore
+from router.feedback_counts import field_of, tally
+from router.store import MemoryStore, Store, store_from
 from tests.fakes import PLACEHOLDER, FakeBackend, Reply, table_from
+from tests.redis_server import RedisServer
 
 NOW = 10_000.0
 
@@ -114,12 +120,15 @@ models:
 """
 
 
-def app_client() -> TestClient:
+def app_client(state: str = "", store: Store | None = None) -> TestClient:
+    """The app on POLICY (+ `state`): small answers "bad", so the cascade escalates every request to big."""
     backends = {
         "small": FakeBackend("small", replies=[Reply("bad")]),
         "big": FakeBackend("big", replies=[Reply("good")]),
     }
-    app = create_app(table_from(POLICY), backends=dict(backends), embedders={}, admin_key=ADMIN, store=MemoryStore())
+    table = table_from(POLICY + state)
+    chosen = store if store is not None else MemoryStore() if table.state is None else store_from(table.state)
+    app = create_app(table, backends=dict(backends), embedders={}, admin_key=ADMIN, store=chosen)
     return TestClient(app)
 
 
@@ -183,3 +192,66 @@ def test_patch_sets_a_keys_limits_and_null_removes_one() -> None:
         client.delete(f"/admin/keys/{key_id}", headers=admin)
         revoked = client.patch(f"/admin/keys/{key_id}", json={"rpm": 3}, headers=admin)
         assert revoked.status_code == 400 and revoked.json()["error"]["code"] == "key_revoked"
+
+
+def test_feedback_tally_per_model_and_tier_over_the_days_read() -> None:
+    today = {field_of("auto", "small", True): 3, field_of("auto", "small", False): 1, field_of("auto", "big", False): 2}
+    yesterday = {field_of("auto", "small", False): 4, "written by something else": 9}
+    found = tally([today, yesterday], window=7)
+    assert (found["days"], found["ok"], found["not_ok"], found["not_ok_rate"]) == (7, 3, 7, 0.7)
+    assert found["tiers"] == [
+        {"model": "auto", "backend": "big", "ok": 0, "not_ok": 2, "not_ok_rate": 1.0},
+        {"model": "auto", "backend": "small", "ok": 3, "not_ok": 5, "not_ok_rate": 0.625},
+    ]
+    assert tally([], window=7) == {"days": 7, "ok": 0, "not_ok": 0, "not_ok_rate": 0.0, "tiers": []}
+    # Names with the separator characters of other encodings stay apart.
+    odd = tally([{field_of("a:b", "c", True): 1, field_of("a", "b:c", True): 1}])
+    assert [(tier["model"], tier["backend"]) for tier in odd["tiers"]] == [("a", "b:c"), ("a:b", "c")]  # type: ignore[index]
+
+
+def answer(client: TestClient) -> str:
+    sdk = OpenAI(base_url="http://testserver/v1", api_key="client-key", http_client=client, max_retries=0)
+    return sdk.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}]).id
+
+
+def label(client: TestClient, answer_id: str, ok: bool) -> None:
+    sent = client.post("/v1/feedback", json={"id": answer_id, "ok": ok}, headers={"authorization": "Bearer client-key"})
+    assert sent.status_code == 200, sent.text
+
+
+def feedback_of(client: TestClient) -> dict[str, Any]:
+    found = client.get("/admin/summary", headers={"authorization": f"Bearer {ADMIN}"})
+    assert found.status_code == 200, found.text
+    shown: dict[str, Any] = found.json()["feedback"]
+    return shown
+
+
+def test_summary_counts_feedback_labels_in_memory() -> None:
+    with app_client() as client:
+        assert feedback_of(client) == {"days": 7, "ok": 0, "not_ok": 0, "not_ok_rate": 0.0, "tiers": []}
+        first, second = answer(client), answer(client)  # small's "bad" escalates: big answers both
+        label(client, first, False)
+        label(client, second, True)
+        found = feedback_of(client)
+    assert (found["ok"], found["not_ok"], found["not_ok_rate"]) == (1, 1, 0.5)
+    assert found["tiers"] == [{"model": "auto", "backend": "big", "ok": 1, "not_ok": 1, "not_ok_rate": 0.5}]
+
+
+@contextlib.contextmanager
+def redis_at(folder: Path) -> Iterator[RedisServer]:
+    with RedisServer(folder) as server:
+        yield server
+
+
+def test_replicas_sharing_a_store_count_each_others_labels(tmp_path: Path) -> None:
+    with redis_at(tmp_path) as redis:
+        state = f'state: {{redis_url: "{redis.url}"}}\n'
+        with app_client(state) as first, app_client(state) as second:
+            labelled = answer(first)
+            label(first, labelled, False)
+            assert feedback_of(second)["tiers"] == [
+                {"model": "auto", "backend": "big", "ok": 0, "not_ok": 1, "not_ok_rate": 1.0}
+            ]
+            label(second, answer(second), True)
+            found = feedback_of(first)
+    assert (found["ok"], found["not_ok"], found["not_ok_rate"]) == (1, 1, 0.5)

@@ -174,13 +174,24 @@ function figuresOf(status) {
     .slice(0, 6).map(([key, value]) => `${key}=${value}`).join(" ");
 }
 
+const percent = (rate) => (Number(rate || 0) * 100).toFixed(0) + "%";
+
+function renderFeedback(feedback) {
+  $("feedback-days").textContent = feedback.days;
+  $("feedback-total").textContent = feedback.ok + feedback.not_ok;
+  $("feedback-not-ok").textContent = feedback.not_ok;
+  $("feedback-rate").textContent = percent(feedback.not_ok_rate);
+  fill("feedback", feedback.tiers.map((tier) =>
+    row([tier.model, tier.backend, tier.ok, tier.not_ok, percent(tier.not_ok_rate)])));
+}
+
 function renderSummary(summary) {
   $("status").textContent = summary.status;
   $("status").classList.toggle("bad", summary.status !== "ready");
   $("policy-version").textContent = summary.policy;
   $("count-requests").textContent = summary.requests;
   $("count-errors").textContent = summary.errors;
-  $("escalation-rate").textContent = (summary.escalation_rate * 100).toFixed(0) + "%";
+  $("escalation-rate").textContent = percent(summary.escalation_rate);
   $("escalated").textContent = summary.escalated;
   $("cascaded").textContent = summary.cascaded;
   const totals = Object.values(summary.teams).reduce((sum, figures) => {
@@ -195,6 +206,7 @@ function renderSummary(summary) {
   fill("money-teams", moneyRows(summary.teams));
   fill("money-models", moneyRows(summary.models));
   fill("reasons", Object.entries(summary.reasons).map(([reason, times]) => row([reason, times])));
+  renderFeedback(summary.feedback);
   const names = [...new Set([...Object.keys(summary.backends), ...Object.keys(summary.latency)])].sort();
   fill("backends", names.map((name) => {
     const status = summary.backends[name] || { state: "not in the policy now" };
