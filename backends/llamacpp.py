@@ -131,16 +131,27 @@ class LlamaCppBackend:
         return self._ready
 
     def status(self) -> dict[str, Any]:
+        """The same top-level figures for one sequence and for a batch (`active` of `parallel` sequences
+        decoding, `waiting` requests: the queue depth), so that /readyz and the dashboard read one shape."""
         found = {
             "error": self._load_error,
             "busy": self._gate.busy,
+            "active": int(self._gate.busy),
+            "parallel": 1,
             "waiting": self._gate.waiting,
             "sampled_tokens": self._sampled_tokens,
             "constraints": self._constraints.status() if self._constraints is not None else None,
         }
         if (scheduler := self._scheduler) is not None:
             batch = scheduler.status()
-            found.update(busy=batch["active"] > 0, waiting=batch["waiting"], sampled_tokens=scheduler.sampled_tokens)
+            found.update(
+                busy=batch["active"] > 0,
+                active=batch["active"],
+                parallel=batch["parallel"],
+                waiting=batch["waiting"],
+                sampled_tokens=scheduler.sampled_tokens,
+                tokens_per_s=batch["tokens_per_s"],
+            )
             found["batch"] = batch
         return found
 

@@ -225,6 +225,8 @@ def test_beyond_the_slots_and_the_queue_requests_are_refused_with_retry_after(ba
         await wait_for(lambda: batched.status()["batch"]["active"] == 8, "eight active sequences")
         queued = [asyncio.create_task(batched.generate(chat("Hi", max_tokens=2))) for _ in range(2)]  # max_queue 2
         await wait_for(lambda: batched.status()["batch"]["waiting"] == 2, "two waiting")
+        status = batched.status()  # the top-level figures are the batch's, as for one sequence they are the gate's
+        assert (status["busy"], status["active"], status["parallel"], status["waiting"]) == (True, 8, 8, 2)
         with pytest.raises(Overloaded) as caught:
             await batched.generate(chat("One too many.", max_tokens=2))
         assert caught.value.retry_after == 1.0
@@ -232,6 +234,26 @@ def test_beyond_the_slots_and_the_queue_requests_are_refused_with_retry_after(ba
         await asyncio.gather(*running, *queued)
 
     asyncio.run(scenario())
+
+
+def test_one_sequence_and_a_batch_report_the_same_top_level_figures(
+    alone: LlamaCppBackend, batched: LlamaCppBackend
+) -> None:
+    shape = {"busy", "active", "parallel", "waiting", "sampled_tokens"}
+    single, batch = alone.status(), batched.status()
+    assert shape <= single.keys() and shape <= batch.keys()
+    assert (single["busy"], single["active"], single["parallel"], single["waiting"]) == (False, 0, 1, 0)
+    assert (batch["active"], batch["parallel"], batch["waiting"]) == (0, 8, 0)
+    assert batch["tokens_per_s"] == batch["batch"]["tokens_per_s"] and "tokens_per_s" not in single
+
+    async def scenario() -> None:
+        answer = asyncio.create_task(alone.generate(chat("Tell me about cats.", max_tokens=200, logit_bias=NO_END)))
+        await wait_for(lambda: alone.status()["active"] == 1, "the one sequence decoding")
+        assert alone.status()["busy"] is True
+        await answer
+
+    asyncio.run(scenario())
+    assert alone.status()["active"] == 0
 
 
 def test_a_repeated_prompt_reuses_its_cached_prefix(batched: LlamaCppBackend) -> None:

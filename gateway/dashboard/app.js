@@ -129,7 +129,7 @@ function lineChart(svgId, legendId, buckets, field) {
     const item = el("span");
     const swatch = el("i"); swatch.style.background = COLORS[index % COLORS.length];
     const total = buckets.reduce((sum, bucket) => sum + (bucket[field][name] || 0), 0);
-    item.append(swatch, `${name} (${total})`);
+    item.append(swatch, `${name || "(no model)"} (${total})`); // listings and feedback name no model
     return item;
   }));
 }
@@ -168,10 +168,20 @@ function moneyRows(money) {
     row([name || "(no team)", figures.requests, usd(figures.cost_usd), usd(figures.top_tier_usd), usd(figures.saved_usd)]));
 }
 
+// A local model's load first (sequences decoding of those it can decode at once, requests waiting: its queue
+// depth, tokens/s over the last seconds when it batches), then the backend's other scalar figures.
 function figuresOf(status) {
+  const shown = [];
   const skip = new Set(["state"]);
-  return Object.entries(status).filter(([key, value]) => !skip.has(key) && typeof value !== "object")
-    .slice(0, 6).map(([key, value]) => `${key}=${value}`).join(" ");
+  if (status.active !== undefined && status.parallel !== undefined) {
+    shown.push(`decoding=${status.active}/${status.parallel}`);
+    ["active", "parallel", "busy"].forEach((key) => skip.add(key));
+  }
+  for (const key of ["waiting", "tokens_per_s"]) {
+    if (status[key] !== undefined) { shown.push(`${key}=${status[key]}`); skip.add(key); }
+  }
+  const rest = Object.entries(status).filter(([key, value]) => !skip.has(key) && value !== null && typeof value !== "object");
+  return [...shown, ...rest.map(([key, value]) => `${key}=${value}`)].slice(0, 6).join(" ");
 }
 
 const percent = (rate) => (Number(rate || 0) * 100).toFixed(0) + "%";
@@ -226,7 +236,8 @@ function trail(attempts) {
 
 function renderRequests(traces) {
   fill("requests", traces.map((trace) => {
-    const tr = row([new Date(trace.created * 1000).toLocaleTimeString(), trace.model, trace.team, trail(trace.attempts),
+    // A request without a model (a listing, a feedback label) shows its endpoint instead.
+    const tr = row([new Date(trace.created * 1000).toLocaleTimeString(), trace.model || trace.endpoint, trace.team, trail(trace.attempts),
       trace.backend, ms(trace.duration_s), usd(trace.cost_usd), trace.cache || "-", trace.status]);
     tr.dataset.id = trace.id;
     tr.addEventListener("click", () => showTrace(trace.id));
