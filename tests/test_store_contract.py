@@ -157,6 +157,8 @@ def test_arguments_that_would_corrupt_state_are_refused(new_store: Factory) -> N
             await store.settle(held, float("nan"))
         with pytest.raises(ValueError, match="cap must be positive"):
             await store.log_append("log", b"x", cap=0)
+        with pytest.raises(ValueError, match="members must be positive"):
+            await store.family_append("family", "member", b"x", cap=5, members=0)
 
     run(new_store, scenario)
 
@@ -330,6 +332,32 @@ def test_logs_keep_the_newest_items_up_to_their_cap(new_store: Factory) -> None:
         appends = [(first if n % 2 else second).log_append("parallel", b"x", cap=50) for n in range(200)]
         await asyncio.gather(*appends)
         assert len(await first.log_read("parallel", 1000)) == 50
+
+    run(new_store, scenario, replicas=2)
+
+
+def test_a_family_keeps_its_most_recent_members_each_with_a_capped_log(new_store: Factory) -> None:
+    async def scenario(first: Store, second: Store) -> None:
+        assert await second.family_members("kinds") == [] and await second.family_read("kinds", "a", 10) == []
+        for member in ("a", "b", "c"):
+            for index in range(4):
+                await first.family_append("kinds", member, f"{member}{index}".encode(), cap=3, members=3)
+        assert await second.family_members("kinds") == ["a", "b", "c"]
+        assert await second.family_read("kinds", "b", 10) == [b"b1", b"b2", b"b3"]
+        assert await second.family_read("kinds", "b", 1) == [b"b3"]
+        await second.family_append("kinds", "a", b"a4", cap=3, members=3)  # a is the most recent again
+        await first.family_append("kinds", "d:with@odd chars", b"d0", cap=3, members=3)  # b, the oldest, goes
+        assert await first.family_members("kinds") == ["c", "a", "d:with@odd chars"]
+        assert await second.family_read("kinds", "b", 10) == []  # dropped with its log
+        await first.family_append("kinds", "b", b"b9", cap=3, members=3)
+        assert await second.family_read("kinds", "b", 10) == [b"b9"]  # a new member starts a new log
+        assert await second.family_read("kinds", "a", 10) == [b"a2", b"a3", b"a4"]
+        assert await second.family_members("other") == []  # families are apart
+        appends = [
+            (first if n % 2 else second).family_append("many", f"m{n}", b"x", cap=2, members=20) for n in range(100)
+        ]
+        await asyncio.gather(*appends)
+        assert len(await first.family_members("many")) == 20
 
     run(new_store, scenario, replicas=2)
 

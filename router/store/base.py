@@ -34,8 +34,9 @@ def hash_api_key(plain: str) -> str:
 def check_positive(**values: float) -> None:
     """Arguments that would corrupt shared state (a negative charge, a cap of 0) are the caller's bug: ValueError."""
     for name, value in values.items():
-        if not value >= 0 or (name in ("ttl_s", "cap") and value == 0):
-            raise ValueError(f"{name} must be {'positive' if name in ('ttl_s', 'cap') else '>= 0'} (got {value})")
+        positive = name in ("ttl_s", "cap", "members")
+        if not value >= 0 or (positive and value == 0):
+            raise ValueError(f"{name} must be {'positive' if positive else '>= 0'} (got {value})")
 
 
 def check_scopes(scopes: Sequence[BudgetScope]) -> None:
@@ -291,6 +292,22 @@ class Store(Protocol):
 
     async def log_read(self, name: str, limit: int) -> list[bytes]:
         """The newest `limit` items, oldest first."""
+        ...
+
+    # --- families of capped logs: one log per member, the members themselves capped ---
+
+    async def family_append(self, family: str, member: str, item: bytes, cap: int, members: int) -> None:
+        """Append to the member's log (trimmed to the newest `cap`) and make it the family's most recent member;
+        beyond `members` members the least recently appended are dropped with their logs. One atomic step: a
+        family stays bounded however many members its callers make up."""
+        ...
+
+    async def family_members(self, family: str) -> list[str]:
+        """The family's members, least recently appended first."""
+        ...
+
+    async def family_read(self, family: str, member: str, limit: int) -> list[bytes]:
+        """The newest `limit` items of the member's log, oldest first ([] for a member dropped or never added)."""
         ...
 
     # --- the running policy (reloads reach every replica) ---

@@ -194,3 +194,19 @@ redis.call('HSET', KEYS[2], 'counter', counter, 'digest', ARGV[1], 'base', ARGV[
   'source', ARGV[4], 'trigger', ARGV[5], 'at', ARGV[6])
 return counter
 """
+
+# KEYS members (sorted set: member -> append sequence), sequence counter, the member's log, prefix of log keys;
+# ARGV member, item, cap, members. Appends, trims, and drops the least recently appended members with their logs.
+FAMILY_APPEND = """
+redis.call('RPUSH', KEYS[3], ARGV[2])
+redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
+redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[2]), ARGV[1])
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[4])
+if over > 0 then
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, over - 1)) do
+    redis.call('DEL', KEYS[4] .. member)
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, over - 1)
+end
+return 1
+"""

@@ -80,6 +80,7 @@ class MemoryStore:
         self._responses: OrderedDict[tuple[str, str], tuple[bytes, float]] = OrderedDict()  # oldest stored first
         self._response_bytes = 0
         self._logs: dict[str, deque[bytes]] = {}
+        self._families: dict[str, OrderedDict[str, deque[bytes]]] = {}  # members least recently appended first
         self._policy: PolicyRecord | None = None
         self._counters: dict[str, tuple[dict[str, int], float]] = {}  # scope -> (counters, lapses at)
         self._feedback: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (record, lapses at)
@@ -282,6 +283,25 @@ class MemoryStore:
         log = self._logs.get(name, deque())
         return list(log)[-limit:] if limit > 0 else []
 
+    async def family_append(self, family: str, member: str, item: bytes, cap: int, members: int) -> None:
+        check_positive(cap=cap, members=members)
+        logs = self._families.setdefault(family, OrderedDict())
+        log = logs.get(member)
+        if log is None or log.maxlen != cap:
+            log = logs[member] = deque(log or (), maxlen=cap)
+        log.append(item)
+        logs.move_to_end(member)
+        while len(logs) > members:
+            logs.popitem(last=False)
+
+    async def family_members(self, family: str) -> list[str]:
+        return list(self._families.get(family, ()))
+
+    async def family_read(self, family: str, member: str, limit: int) -> list[bytes]:
+        logs = self._families.get(family)
+        log = logs.get(member) if logs is not None else None
+        return list(log)[-limit:] if log is not None and limit > 0 else []
+
     async def publish_policy(self, digest: str, base: str, text: str, source: str, trigger: str) -> PolicyRecord:
         if self._policy is not None and self._policy.digest == digest:
             return self._policy  # published already (by another reload of the same text)
@@ -311,6 +331,7 @@ class MemoryStore:
             "responses": len(self._responses),
             "response_bytes": self._response_bytes,
             "logs": sum(len(log) for log in self._logs.values()),
+            "family_logs": sum(len(logs) for logs in self._families.values()),
         }
 
     # --- housekeeping ---

@@ -127,6 +127,7 @@ class RedisStore:
         self._acquire = self.client.register_script(lua.ACQUIRE)
         self._renew = self.client.register_script(lua.RENEW)
         self._publish_policy = self.client.register_script(lua.PUBLISH_POLICY)
+        self._family_append = self.client.register_script(lua.FAMILY_APPEND)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -403,6 +404,31 @@ class RedisStore:
         if limit <= 0:
             return []
         items = await self._call(lambda: self.client.lrange(self.key("log", name), -limit, -1))
+        return [as_bytes(item) for item in items]
+
+    # --- families of capped logs: a sorted set of members by last append, a list per member ---
+
+    def _family_log(self, family: str, member: str = "") -> str:
+        return self.key("family", family, "log", "") + member
+
+    async def family_append(self, family: str, member: str, item: bytes, cap: int, members: int) -> None:
+        check_positive(cap=cap, members=members)
+        keys = [
+            self.key("family", family, "members"),
+            self.key("family", family, "sequence"),
+            self._family_log(family, member),
+            self._family_log(family),
+        ]
+        await self._call(lambda: self._family_append(keys=keys, args=[member, item, cap, members]))
+
+    async def family_members(self, family: str) -> list[str]:
+        found = await self._call(lambda: self.client.zrange(self.key("family", family, "members"), 0, -1))
+        return [as_text(member) for member in found if isinstance(member, bytes | str)]
+
+    async def family_read(self, family: str, member: str, limit: int) -> list[bytes]:
+        if limit <= 0:
+            return []
+        items = await self._call(lambda: self.client.lrange(self._family_log(family, member), -limit, -1))
         return [as_bytes(item) for item in items]
 
     # --- the running policy: a counter and one hash, written together ---
