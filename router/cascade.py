@@ -14,11 +14,13 @@ from backends.confidence import METRICS, Confidence
 from backends.errors import TiergateError
 from backends.protocol import ChatRequest, Message
 from router.attempts import Attempts, Plan
+from router.confidence_settings import ConfidenceSettings, Scoring
 from router.context import RequestContext
 from router.costs import Costs, Throughput, charge, settle_baseline, tokens_of
 from router.learned import DifficultyLearner
 from router.outcomes import Outcome, OutcomeLog
 from router.policy import EscalationReason
+from router.request_kind import RequestKind, request_kind
 from router.table import Route
 from router.tiers import Next, after_error, plan_for, refusal
 from router.tool_validator import NAME as TOOL_VALIDATOR
@@ -53,6 +55,7 @@ class Outcomes:
     validation: Verdict = PASS
     waited_s: float = 0.0  # time inside backends, for the overhead figure
     confidence: float | None = None  # the answering tier's, when it was scored (router/feedback.py keeps it)
+    kind: str = ""  # the calibration log's kind key the confidence belongs to ("" calibrated per tier)
 
 
 def answer_text(payload: Payload) -> str:
@@ -175,14 +178,17 @@ class Cascade:
         escalate_errors = "error" in settings.escalate_on
         tier_request = request
         last: Outcomes | None = None
+        kind: RequestKind | None = None
+        scoring: Scoring | None = None  # None: this request's answers are not scored
+        if "low_confidence" in settings.escalate_on:
+            kind, scoring = _scoring(settings.confidence, request, context)
         for index, tier in enumerate(tiers):
             final = index == len(tiers) - 1
             if final and stop_before_final:
                 return Outcomes(None, None, costs, waited_s=waited)
             if guide is not None and not final and skip_predicted_hard(guide, tier, context):
                 continue
-            metric = settings.confidence.metric
-            scored = "low_confidence" in settings.escalate_on and not final and can_score(tier, metric)
+            scored = scoring is not None and not final and can_score(tier, scoring.metric)
             asked = scoring_request(tier_request, tier) if scored else tier_request
             plan = plan_for(route, tier, fallbacks, final=final, context=context)
             try:
@@ -202,19 +208,22 @@ class Cascade:
                 raise
             self._charge(costs, backend, payload, plan)
             judged = await self._judge(validators, payload, checks)
-            confidence = confidence_of(payload, metric) if scored else None
+            confidence = confidence_of(payload, scoring.metric) if scored and scoring is not None else None
+            key = kind.key if kind is not None else ""
             if asked is not tier_request:
                 unscored(payload, request)
+            # Only a validated answer is evidence (no validators: every answer would count as a success); a route
+            # without validators calibrates from the application's labels alone (router/feedback.py).
             if validators and confidence is not None:
-                self.outcomes.add(Outcome(backend.name, judged.escalation is None, confidence))
-            if not final and judged.escalation is None and confidence is not None:
-                judged = self._confident(route, backend.name, confidence)
+                self.outcomes.add(Outcome(backend.name, judged.escalation is None, confidence, key))
+            if not final and judged.escalation is None and confidence is not None and scoring is not None:
+                judged = self._confident(settings.confidence, scoring, backend.name, confidence, key)
             if not final and judged.escalation is None and settings.self_consistency is not None:
                 judged = await self._consistent(route, plan, tier, asked, payload, costs)
             waited += plan.waited_s
             if guide is not None and backend is tier:
                 guide.learner.record(tier.name, guide.vector, failed=judged.escalation is not None)
-            last = Outcomes(payload, backend, costs, judged.verdict, waited, confidence)
+            last = Outcomes(payload, backend, costs, judged.verdict, waited, confidence, key)
             if judged.escalation is None:
                 break
             trail[-1].escalation = judged.escalation
@@ -241,14 +250,19 @@ class Cascade:
         tool_call = verdict.validator == TOOL_VALIDATOR
         return _Judged(verdict, Escalation.INVALID_TOOL_CALL if tool_call else Escalation.INVALID_OUTPUT)
 
-    def _confident(self, route: Route, tier: str, confidence: float) -> _Judged:
-        assert route.settings is not None
-        settings = route.settings.confidence
-        threshold = settings.threshold
+    def _confident(
+        self, settings: ConfidenceSettings, scoring: Scoring, tier: str, confidence: float, kind: str
+    ) -> _Judged:
+        threshold, initial = scoring.threshold, False
         if threshold is None:
-            threshold = self.outcomes.calibrated_threshold(tier, settings.min_samples, settings.target_failure_rate)
+            calibration = self.outcomes.calibration(tier, settings.min_samples, settings.target_failure_rate, kind)
+            threshold = calibration.threshold
+            if not calibration.evidence and scoring.initial_threshold is not None:
+                threshold, initial = scoring.initial_threshold, True
         if threshold is not None and confidence < threshold:
-            reason = f"low_confidence: {settings.metric} {confidence:.2f} < {threshold:.2f}"
+            reason = f"low_confidence: {scoring.metric} {confidence:.2f} < {threshold:.2f}"
+            reason += " initial" if initial else ""
+            reason += f" ({kind})" if kind else ""
             return _Judged(Verdict(False, reason), Escalation.LOW_CONFIDENCE)
         return _Judged(PASS, None)
 
@@ -278,6 +292,14 @@ class Cascade:
             attempt = plan.attempts[-1]
             attempt.cost_usd = cost
             attempt.prompt_tokens, attempt.completion_tokens = tokens_of(usage)
+
+
+def _scoring(
+    settings: ConfidenceSettings, request: GenerationRequest, context: RequestContext
+) -> tuple[RequestKind, Scoring | None]:
+    """The request's kind (keyed only when calibrated per kind) and how its class is scored (None: not at all)."""
+    kind = request_kind(request, context.intent, keyed=settings.calibrate_by == "kind")
+    return kind, settings.scoring(kind.cls)
 
 
 def _named(escalation: Escalation, escalate_on: list[EscalationReason]) -> bool:

@@ -41,6 +41,7 @@ class RequestContext:
     request_id: str = field(default_factory=new_request_id)
     trace: list[Attempt] = field(default_factory=list)
     no_cache: bool = False  # the client sent Cache-Control: no-cache: answer afresh (the answer is still stored)
+    intent: str = ""  # the name of the intent that chose the model, when an intent route did (not its default)
 
     def attempts(self) -> str:
         return render(self.trace)

@@ -89,8 +89,11 @@ async def _vectors(runtime: Runtime, embedder: str, texts: list[str]) -> np.ndar
     return np.asarray(vectors, dtype=np.float32)
 
 
-async def _pick_intent(runtime: Runtime, route: Route, request: GenerationRequest) -> tuple[Route, str]:
-    """The nearest intent's model if similar enough, else the default model (also when embeddings fail)."""
+async def _pick_intent(
+    runtime: Runtime, route: Route, request: GenerationRequest, context: RequestContext
+) -> tuple[Route, str]:
+    """The nearest intent's model if similar enough (its name kept in `context.intent`), else the default model
+    (also when embeddings fail)."""
     settings = route.settings
     assert settings is not None and settings.intents is not None and settings.embedder is not None
     table = runtime.table
@@ -112,6 +115,7 @@ async def _pick_intent(runtime: Runtime, route: Route, request: GenerationReques
     intent = settings.intents[owners[best]]
     score = float(similarity[best])
     if score >= settings.min_similarity:
+        context.intent = intent.name
         return table.route(intent.model), f"{intent.name}={score:.2f}"
     return table.route(settings.default or ""), f"default={score:.2f}"
 
@@ -154,7 +158,7 @@ async def resolve(runtime: Runtime, request: GenerationRequest, context: Request
     route = table.route(request.model)
     intent = ""
     if route.kind == "intent":
-        route, intent = await _pick_intent(runtime, route, request)
+        route, intent = await _pick_intent(runtime, route, request, context)
     if route.kind == "embedding":
         raise BadRequest(f"'{request.model}' is an embedding model; call /v1/embeddings with it", param="model")
     missing = [f"{name}: {table.disabled[name]}" for name in route.candidates() if name in table.disabled]
@@ -190,7 +194,7 @@ async def generate(runtime: Runtime, request: GenerationRequest, context: Reques
     assert outcome.payload is not None and outcome.backend is not None
     if plan is not None and outcome.validation.ok:
         await runtime.cache.remember(runtime.store, plan, outcome.payload)
-    await _remember(runtime, context, found, outcome.payload, outcome.backend.name, outcome.confidence)
+    await _remember(runtime, context, found, outcome.payload, outcome.backend.name, outcome.confidence, outcome.kind)
     return Answer(
         outcome.payload,
         outcome.backend.name,
@@ -228,7 +232,9 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
         if outcome.payload is not None and outcome.backend is not None:
             if remember is not None and outcome.validation.ok:
                 await runtime.cache.remember(runtime.store, remember, outcome.payload)
-            await _remember(runtime, context, found, outcome.payload, outcome.backend.name, outcome.confidence)
+            await _remember(
+                runtime, context, found, outcome.payload, outcome.backend.name, outcome.confidence, outcome.kind
+            )
             chunks = replay(outcome.payload, request.include_usage())
             first = await anext(chunks)
             return Stream(
@@ -280,12 +286,18 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
 
 
 async def _remember(
-    runtime: Runtime, context: RequestContext, found: Tiers, payload: Payload, tier: str, confidence: float | None
+    runtime: Runtime,
+    context: RequestContext,
+    found: Tiers,
+    payload: Payload,
+    tier: str,
+    confidence: float | None,
+    kind: str = "",
 ) -> None:
     if found.route.kind != "cascade":  # a label teaches a cascade (which tier fails what); elsewhere nothing learns
         return
     vector = found.guide.vector if found.guide is not None else None
-    await feedback.remember(runtime, context, found.route.name, payload, tier, confidence, vector)
+    await feedback.remember(runtime, context, found.route.name, payload, tier, confidence, vector, kind)
 
 
 async def _metered(

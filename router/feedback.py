@@ -5,7 +5,8 @@ its route, the tier that answered, that tier's confidence (when the cascade scor
 prompt vector (when the route has one). A label taken back from there (once: the take is atomic) is learnt like
 the cascade's own outcomes: a difficulty example for the tier, so that similar requests are predicted to fail
 there (or not), and an outcome for the tier's confidence calibration; each replaces the label the cascade gave
-that answer when this replica still holds it (DifficultyLearner.relabel, OutcomeLog.relabel). Both reach every
+that answer when this replica still holds it (DifficultyLearner.relabel, OutcomeLog.relabel; the outcome in the
+log of the answer's kind of request, under `confidence.calibrate_by: kind`). Both reach every
 replica through the shared logs (router/shared_learning.py), where they are added beside the cascade's labels.
 Each label is also counted for the dashboard's Feedback panel (router/feedback_counts.py).
 """
@@ -31,7 +32,8 @@ from router.shared_learning import difficulty_key
 
 log = logging.getLogger("tiergate")
 
-VERSION = 1
+VERSION = 2  # 2 added `kind`; a version-1 record (kept by a replica not yet upgraded) reads as kind ""
+READABLE = (1, VERSION)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Answered:
     vector: Vector | None  # the difficulty router's prompt vector
     embedder_key: str | None  # difficulty_key when remembered: a vector of another embedder is not learnt
     at: float  # epoch seconds
+    kind: str = ""  # the calibration log the confidence belongs to (router/request_kind.py; "" per tier)
 
     def encode(self) -> bytes:
         vector = None if self.vector is None else base64.b64encode(np.asarray(self.vector, "<f4").tobytes()).decode()
@@ -56,6 +59,7 @@ class Answered:
                 "vector": vector,
                 "embedder_key": self.embedder_key,
                 "at": self.at,
+                "kind": self.kind,
             }
         )
 
@@ -64,7 +68,7 @@ class Answered:
         """None for a record this version cannot read."""
         try:
             fields: dict[str, Any] = orjson.loads(raw)
-            if fields.get("v") != VERSION:
+            if fields.get("v") not in READABLE:
                 return None
             vector = fields["vector"]
             return cls(
@@ -74,6 +78,7 @@ class Answered:
                 vector=None if vector is None else np.frombuffer(base64.b64decode(vector), "<f4").astype(np.float32),
                 embedder_key=fields["embedder_key"],
                 at=float(fields["at"]),
+                kind=str(fields.get("kind") or ""),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
@@ -97,6 +102,7 @@ async def remember(
     tier: str,
     confidence: float | None,
     vector: Vector | None,
+    kind: str = "",
 ) -> None:
     """Keep what a later label on this answer needs; a store that is down costs the label, never the answer."""
     ttl_s = runtime.table.server.feedback_ttl_s
@@ -104,7 +110,7 @@ async def remember(
     if not ttl_s or not isinstance(answer_id, str) or not answer_id:
         return
     embedder_key = difficulty_key(runtime.table, route) if vector is not None else None
-    record = Answered(route, tier, confidence, vector, embedder_key, time.time())
+    record = Answered(route, tier, confidence, vector, embedder_key, time.time(), kind)
     try:
         await runtime.store.feedback_put(feedback_key(owner(context.caller), answer_id), record.encode(), ttl_s)
     except StoreUnavailable as error:
@@ -131,6 +137,6 @@ async def label(runtime: Runtime, caller: Caller, answer_id: str, ok: bool) -> A
     ):
         learner.relabel(answered.tier, answered.vector, failed=not ok)
     if answered.confidence is not None:
-        runtime.outcomes.relabel(Outcome(answered.tier, ok, answered.confidence))
+        runtime.outcomes.relabel(Outcome(answered.tier, ok, answered.confidence, answered.kind))
     await count_label(runtime.store, answered.route, answered.tier, ok, time.time())  # the dashboard's panel
     return answered

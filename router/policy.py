@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from backends.registry import BackendSettings, EmbedderSettings
 from router.cache_settings import CacheSettings
+from router.confidence_settings import ConfidenceSettings
 from router.reliability import BreakerSettings, RetrySettings
 from router.responses_settings import ResponsesSettings
 from router.validators import ValidatorSettings
@@ -223,33 +224,6 @@ class LimitSettings(Section):
 # invalid_output: any validator failed, the implied tool-call validator included; invalid_tool_call: that one only
 EscalationReason = Literal["invalid_output", "invalid_tool_call", "low_confidence", "error", "predicted_hard"]
 DEFAULT_ESCALATION: tuple[EscalationReason, ...] = ("invalid_output", "error")
-
-
-ConfidenceMetric = Literal["mean", "min", "free_mean", "free_min", "choice"]
-
-
-class ConfidenceSettings(Section):
-    """When a tier's token log-probabilities say it guessed: escalate.
-
-    llama.cpp tiers measure every metric while decoding (backends/confidence.py); other tiers give `mean` and `min`
-    from their logprobs, when they return them. Every metric is a natural-log probability (<= 0).
-    """
-
-    metric: ConfidenceMetric = Field(
-        "mean",
-        description=(
-            "mean / min: token log-probabilities over the whole answer; free_mean / free_min: over the positions "
-            "where the constraint allowed more than one token, renormalised over the allowed tokens; choice: the "
-            "answer's log-probability among the answers the constraint allowed (the chosen choice's, for choices)."
-        ),
-    )
-    threshold: float | None = Field(
-        None, le=0, description="Escalate below this; unset: calibrated per tier from the outcome log."
-    )
-    target_failure_rate: float = Field(
-        0.5, gt=0, le=1, description="Calibration: escalate where answers this unconfident failed this often."
-    )
-    min_samples: int = Field(30, ge=2, description="Calibration waits for this many validated answers per tier.")
 
 
 class SelfConsistencySettings(Section):

@@ -3,7 +3,10 @@
 The request path never waits on the store. A record (an outcome, a difficulty example) is learnt locally at
 once and queued; a background task appends the queue to the store's capped logs. Every `sync_s` each replica
 reads the shared logs back and *replaces* its local windows with them: the union of every replica's records,
-capped, its own included once (replace, never merge, so nothing is counted twice). While the store is down
+capped, its own included once (replace, never merge, so nothing is counted twice). Outcomes calibrated per kind
+of request (`confidence.calibrate_by: kind`) go to a family of logs per tier, one log per kind, the kinds
+themselves capped (outcomes.MAX_KINDS, least recently appended dropped with their logs): a replica reads every
+kind the family holds, those it never saw itself included. While the store is down
 the queue keeps the newest records it has room for (the rest are dropped and counted), local windows go on
 learning from this replica's own traffic, and both tasks resume when the store answers again.
 """
@@ -19,7 +22,7 @@ import os
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -65,13 +68,13 @@ def encode_outcome(replica: int, sequence: int, outcome: Outcome) -> bytes:
     return header + CONFIDENCE.pack(outcome.confidence if outcome.confidence is not None else 0.0)
 
 
-def decode_outcome(tier: str, item: bytes) -> Outcome | None:
+def decode_outcome(tier: str, item: bytes, kind: str = "") -> Outcome | None:
     """None for a record this version cannot read (a newer format, a truncated item)."""
     if len(item) != HEADER.size + CONFIDENCE.size or item[0] != VERSION:
         return None
     _, _, _, flags = HEADER.unpack_from(item)
     (confidence,) = CONFIDENCE.unpack_from(item, HEADER.size)
-    return Outcome(tier, bool(flags & OK), float(confidence) if flags & SCORED else None)
+    return Outcome(tier, bool(flags & OK), float(confidence) if flags & SCORED else None, kind)
 
 
 def encode_example(replica: int, sequence: int, vector: Vector, failed: bool) -> bytes:
@@ -111,6 +114,11 @@ def outcome_log(tier: str) -> str:
     return f"learn:v{VERSION}:outcomes:{tier}"
 
 
+def outcome_kinds(tier: str) -> str:
+    """The family of the tier's per-kind outcome logs (a member per kind of request)."""
+    return f"learn:v{VERSION}:outcome-kinds:{tier}"
+
+
 def example_log(route: str, key: str, tier: str) -> str:
     return f"learn:v{VERSION}:difficulty:{route}:{key}:{tier}"
 
@@ -128,6 +136,17 @@ def calibrated_tiers(table: RoutingTable) -> set[str]:
 def skippable_tiers(table: RoutingTable, route: str) -> tuple[str, ...]:
     """The tiers a difficulty learner is asked about (the final tier is never skipped: its examples stay local)."""
     return table.routes[route].targets[:-1]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A record on its way to the store: to the log `name`, or to the member `member` of the family `name`."""
+
+    name: str
+    item: bytes
+    cap: int
+    member: str | None = None
+    members: int = 0  # the family's cap on members
 
 
 @dataclass
@@ -149,9 +168,9 @@ class LearningSync:
         self.replica = int.from_bytes(os.urandom(4), "little")
         self.counters = Counters()
         self._sequence = 0
-        self._queue: deque[tuple[str, bytes, int]] = deque()
+        self._queue: deque[Pending] = deque()
         self._wake = asyncio.Event()
-        self._newest: dict[str, bytes] = {}  # log name -> its newest record when last installed
+        self._newest: dict[tuple[str, str], bytes] = {}  # (log or family, member) -> newest record when installed
         self._tasks: list[asyncio.Task[None]] = []
         self._last_pull: float | None = None
         self._last_error: str | None = None
@@ -162,25 +181,30 @@ class LearningSync:
         self._sequence = (self._sequence + 1) & 0xFFFFFFFF
         return self._sequence
 
-    def publish(self, name: str, item: bytes, cap: int) -> None:
+    def publish(self, record: Pending) -> None:
         if len(self._queue) >= self.settings.queue:
             self.counters.dropped += 1
             return
-        self._queue.append((name, item, cap))
+        self._queue.append(record)
         self.counters.queued += 1
         self._wake.set()
 
-    def _outcome(self, cap: int, outcome: Outcome) -> None:
-        self.publish(outcome_log(outcome.tier), encode_outcome(self.replica, self._next(), outcome), cap)
+    def _outcome(self, outcomes: OutcomeLog, outcome: Outcome) -> None:
+        item = encode_outcome(self.replica, self._next(), outcome)
+        cap = outcomes.window(outcome.kind)
+        if outcome.kind:
+            self.publish(Pending(outcome_kinds(outcome.tier), item, cap, outcome.kind, outcomes.max_kinds))
+        else:
+            self.publish(Pending(outcome_log(outcome.tier), item, cap))
 
     def _example(self, names: Mapping[str, str], cap: int, tier: str, vector: Vector, failed: bool) -> None:
         name = names.get(tier)
         if name is not None:
-            self.publish(name, encode_example(self.replica, self._next(), vector, failed), cap)
+            self.publish(Pending(name, encode_example(self.replica, self._next(), vector, failed), cap))
 
     def attach(self, table: RoutingTable, outcomes: OutcomeLog, learners: Mapping[str, DifficultyLearner]) -> None:
         """Make these local logs publish what they learn (again after a reload: names follow the new table)."""
-        outcomes.publish = partial(self._outcome, outcomes.size)
+        outcomes.publish = partial(self._outcome, outcomes)
         for route, learner in learners.items():
             learner.publish = partial(self._example, self.example_logs(table, route), learner.window)
 
@@ -199,9 +223,7 @@ class LearningSync:
         """
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(IN_FLIGHT, len(self._queue)))]
-            results = await asyncio.gather(
-                *(self.store.log_append(name, item, cap) for name, item, cap in batch), return_exceptions=True
-            )
+            results = await asyncio.gather(*(self._append(record) for record in batch), return_exceptions=True)
             unavailable: StoreUnavailable | None = None
             for record, result in reversed(list(zip(batch, results, strict=True))):
                 if isinstance(result, StoreUnavailable):
@@ -209,43 +231,66 @@ class LearningSync:
                     self._queue.appendleft(record)  # reversed: the batch goes back in its order
                 elif isinstance(result, BaseException):  # a store bug must not wedge the queue behind one record
                     self.counters.rejected += 1
-                    log.error("shared learning: appending to %r failed; record dropped", record[0], exc_info=result)
+                    log.error("shared learning: appending to %r failed; record dropped", record.name, exc_info=result)
                 else:
                     self.counters.appended += 1
             if unavailable is not None:
                 raise unavailable
+
+    async def _append(self, record: Pending) -> None:
+        if record.member is None:
+            await self.store.log_append(record.name, record.item, record.cap)
+        else:
+            await self.store.family_append(record.name, record.member, record.item, record.cap, record.members)
 
     async def pull(self, view: Learns) -> None:
         """Replace each local window with its shared log, where the log is new; keep the window while it is empty."""
         table = view.table
         outcomes = view.outcomes
         for tier in sorted(calibrated_tiers(table) | set(outcomes.tiers())):
-            items = await self._changed(outcome_log(tier), outcomes.size)
+            name = outcome_log(tier)
+            items = await self._changed((name, ""), outcomes.size, partial(self.store.log_read, name))
             if items is not None:
-                decoded = await asyncio.to_thread(_decode_outcomes, tier, items)
-                outcomes.replace(tier, decoded)
+                outcomes.replace(tier, await asyncio.to_thread(_decode_outcomes, tier, items, ""))
                 self.counters.pulls += 1
+            await self._pull_kinds(outcomes, tier)
         for route, learner in view.learners.items():
             for tier, name in self.example_logs(table, route).items():
-                items = await self._changed(name, learner.window)
+                items = await self._changed((name, ""), learner.window, partial(self.store.log_read, name))
                 if items is not None:
                     vectors, failed = await asyncio.to_thread(decode_examples, items)
                     learner.replace(tier, vectors, failed)
                     self.counters.pulls += 1
         self._last_pull = time.monotonic()
-        known = {outcome_log(tier) for tier in outcomes.tiers()}
-        known |= {name for route in view.learners for name in self.example_logs(table, route).values()}
+        known = {(outcome_log(tier), "") for tier in outcomes.tiers()}
+        known |= {(outcome_kinds(tier), kind) for tier in outcomes.tiers() for kind in outcomes.kinds(tier)}
+        known |= {(name, "") for route in view.learners for name in self.example_logs(table, route).values()}
         self._newest = {name: newest for name, newest in self._newest.items() if name in known}
 
-    async def _changed(self, name: str, cap: int) -> list[bytes] | None:
+    async def _pull_kinds(self, outcomes: OutcomeLog, tier: str) -> None:
+        """The tier's per-kind logs: those the store's family holds (least recent first) and those known here."""
+        family = outcome_kinds(tier)
+        shared = await self.store.family_members(family)
+        for kind in dict.fromkeys([*outcomes.kinds(tier), *shared]):
+            if not kind:
+                continue
+            read = partial(self.store.family_read, family, kind)
+            items = await self._changed((family, kind), outcomes.window(kind), read)
+            if items is not None:
+                outcomes.replace(tier, await asyncio.to_thread(_decode_outcomes, tier, items, kind), kind)
+                self.counters.pulls += 1
+
+    async def _changed(
+        self, name: tuple[str, str], cap: int, read: Callable[[int], Awaitable[list[bytes]]]
+    ) -> list[bytes] | None:
         """The log's newest `cap` records, or None when it is empty or has nothing new since the last install.
 
         Records are unique (replica, sequence), so one read of the newest says whether anything was appended.
         """
-        newest = await self.store.log_read(name, 1)
+        newest = await read(1)
         if not newest or newest[0] == self._newest.get(name):
             return None
-        items = await self.store.log_read(name, cap)
+        items = await read(cap)
         if not items:
             return None
         self._newest[name] = items[-1]
@@ -320,8 +365,8 @@ class LearningSync:
         }
 
 
-def _decode_outcomes(tier: str, items: list[bytes]) -> list[Outcome]:
-    return [outcome for item in items if (outcome := decode_outcome(tier, item)) is not None]
+def _decode_outcomes(tier: str, items: list[bytes], kind: str) -> list[Outcome]:
+    return [outcome for item in items if (outcome := decode_outcome(tier, item, kind)) is not None]
 
 
 def sharing(table: RoutingTable, store: Store) -> LearningSync | None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import Capabilities, GenerationRequest, Payload, Price
+from backends.confidence import FIELD as CONFIDENCE_FIELD
 from backends.errors import BackendUnavailable, TiergateError, Unsupported
 from backends.protocol import ChatRequest
 from router.loader import parse_policy
@@ -25,6 +26,9 @@ class Reply:
     error: TiergateError | None = None
     delay_s: float = 0.0
     logprob: float = -0.1
+    # The token scores a llama.cpp tier would carry (backends/confidence.py) by metric, those not given 0.0; sent
+    # when the request asks for them (a backend with Capabilities(confidence=True) is asked by a scoring cascade).
+    scores: dict[str, float] | None = None
 
 
 @dataclass
@@ -81,7 +85,13 @@ class FakeBackend:
                 for index in range(count)
             ],
             "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
-        }
+        } | self._scores(request, reply)
+
+    def _scores(self, request: GenerationRequest, reply: Reply) -> Payload:
+        if reply.scores is None or not request.wants_confidence():
+            return {}
+        metrics = {name: reply.scores.get(name, 0.0) for name in ("mean", "min", "free_mean", "free_min", "choice")}
+        return {CONFIDENCE_FIELD: {"tokens": 4, "free_tokens": 2, **metrics}}
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Payload]:
         reply = await self._reply(request)
