@@ -132,12 +132,16 @@ def skip_predicted_hard(guide: Guide, tier: Backend, context: RequestContext) ->
     return True
 
 
-def needs_buffering(route: Route, validators: list[Validator]) -> bool:
-    """`validators`: what the request implies and the route lists (`validators_of`)."""
+def needs_buffering(route: Route, validators: list[Validator], request: GenerationRequest) -> bool:
+    """`validators`: what the request implies and the route lists (`validators_of`). A request whose class
+    `confidence.by_kind` leaves unscored is not held back for a confidence check that will not happen."""
     settings = route.settings
-    checks = bool(validators)
-    extra = settings is not None and ("low_confidence" in settings.escalate_on or settings.self_consistency is not None)
-    return checks or extra
+    if validators or settings is None:
+        return bool(validators)
+    scored = "low_confidence" in settings.escalate_on and (
+        settings.confidence.scoring(request_kind(request, keyed=False).cls) is not None
+    )
+    return scored or settings.self_consistency is not None
 
 
 @dataclass

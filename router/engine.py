@@ -222,7 +222,7 @@ async def stream(runtime: Runtime, request: GenerationRequest, context: RequestC
     costs = Costs()
     waited = 0.0
     validators = validators_of(route, request)
-    if needs_buffering(route, validators):
+    if needs_buffering(route, validators, request):
         whole = request.model_copy(update={"stream": False, "stream_options": None})
         # passthrough: the last tier streams live, a model's only tier included (nothing is left to escalate to)
         passthrough = route.settings.stream_mode == "passthrough"

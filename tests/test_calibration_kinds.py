@@ -287,6 +287,20 @@ def test_by_kind_turns_a_class_off_and_overrides_another_ones_metric() -> None:
     asyncio.run(scenario())
 
 
+def test_a_stream_of_an_unscored_class_is_not_held_back() -> None:
+    async def scenario() -> None:
+        runtime = runtime_of()
+        text = await engine.stream(runtime, chat("classes", stream=True), RequestContext())
+        assert not text.replayed  # streamed live: nothing would be checked in a buffered copy
+        small(runtime).replies = [valid(A, -0.1)]
+        extraction = await engine.stream(runtime, chat("classes", A, stream=True), RequestContext())
+        assert extraction.replayed  # buffered: validated and scored before the first chunk
+        for stream in (text, extraction):
+            assert [chunk async for chunk in stream.chunks]
+
+    asyncio.run(scenario())
+
+
 # --- feedback
 
 
