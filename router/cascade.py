@@ -259,7 +259,9 @@ class Cascade:
     ) -> _Judged:
         threshold, initial = scoring.threshold, False
         if threshold is None:
-            calibration = self.outcomes.calibration(tier, settings.min_samples, settings.target_failure_rate, kind)
+            calibration = self.outcomes.calibration(
+                tier, settings.min_samples, settings.target_failure_rate, kind, settings.min_failures
+            )
             threshold = calibration.threshold
             if not calibration.evidence and scoring.initial_threshold is not None:
                 threshold, initial = scoring.initial_threshold, True

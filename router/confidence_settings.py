@@ -74,7 +74,8 @@ class ConfidenceSettings(StrictSettings):
         None,
         le=0,
         description="With threshold unset: escalate below this while calibration has no evidence for the tier and "
-        "kind (fewer than min_samples scored answers, or all of one outcome); unset: no escalation until then.",
+        "kind (fewer than min_samples scored answers, fewer than min_failures failed, or none passed); unset: no "
+        "escalation until then.",
     )
     calibrate_by: CalibrateBy = Field(
         "tier",
@@ -86,6 +87,12 @@ class ConfidenceSettings(StrictSettings):
     )
     min_samples: int = Field(
         30, ge=2, description="Calibration waits for this many scored answers per tier (and kind) with both outcomes."
+    )
+    min_failures: int = Field(
+        1,
+        ge=1,
+        description="Calibration also waits for this many failed answers among them: a few rare validator "
+        "failures (a refusal) are weak evidence beside an initial threshold chosen on labelled data.",
     )
     by_kind: ByKind = Field(
         default_factory=ByKind,

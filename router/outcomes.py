@@ -27,8 +27,8 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Calibration:
-    """What a log says: `evidence` once it holds min_samples scored answers with both outcomes, then `threshold`
-    (None when no confidence failed often enough: nothing to escalate)."""
+    """What a log says: `evidence` once it holds min_samples scored answers, min_failures of them failed and one
+    passed, then `threshold` (None when no confidence failed often enough: nothing to escalate)."""
 
     evidence: bool
     threshold: float | None
@@ -119,15 +119,17 @@ class OutcomeLog:
     def of(self, tier: str, kind: str = "") -> list[Outcome]:
         return list(self._logs.get((tier, kind), ()))
 
-    def calibration(self, tier: str, min_samples: int, target_failure_rate: float, kind: str = "") -> Calibration:
+    def calibration(
+        self, tier: str, min_samples: int, target_failure_rate: float, kind: str = "", min_failures: int = 1
+    ) -> Calibration:
         """`calibration_from_log`, cached until 1% of the log (at least one outcome) is new."""
         log_key = (tier, kind)
         added = self._added.get(log_key, 0)
-        key = (tier, kind, min_samples, target_failure_rate)
+        key = (tier, kind, min_samples, target_failure_rate, min_failures)
         cached = self._calibrations.get(key)
         if cached is not None and added - cached[0] < max(1, len(self._logs.get(log_key, ())) // 100):
             return cached[1]
-        calibration = self.calibration_from_log(tier, min_samples, target_failure_rate, kind)
+        calibration = self.calibration_from_log(tier, min_samples, target_failure_rate, kind, min_failures)
         if log_key in self._logs:  # a log dropped or never made: nothing to cache (the cache stays bounded)
             self._calibrations[key] = (added, calibration)
         return calibration
@@ -143,15 +145,16 @@ class OutcomeLog:
         return self.calibration_from_log(tier, min_samples, target_failure_rate, kind).threshold
 
     def calibration_from_log(
-        self, tier: str, min_samples: int, target_failure_rate: float, kind: str = ""
+        self, tier: str, min_samples: int, target_failure_rate: float, kind: str = "", min_failures: int = 1
     ) -> Calibration:
         """The highest confidence t such that answers below t failed at least `target_failure_rate` of the time.
 
-        No evidence until the log holds `min_samples` scored answers with both outcomes; with evidence, threshold
-        None when no confidence failed that often.
+        No evidence until the log holds `min_samples` scored answers, at least `min_failures` failed and at least
+        one passed; with evidence, threshold None when no confidence failed that often.
         """
         scored = sorted((o.confidence, o.ok) for o in self.of(tier, kind) if o.confidence is not None)
-        if len(scored) < min_samples or all(ok for _, ok in scored) or not any(ok for _, ok in scored):
+        failed = sum(not ok for _, ok in scored)
+        if len(scored) < min_samples or failed < max(1, min_failures) or failed == len(scored):
             return NO_EVIDENCE
         best: float | None = None
         failures = 0

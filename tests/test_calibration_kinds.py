@@ -21,7 +21,7 @@ from gateway.cli import main as tiergate
 from router import engine, feedback
 from router.context import Caller, RequestContext
 from router.loader import PolicyError
-from router.outcomes import Outcome, OutcomeLog
+from router.outcomes import Calibration, Outcome, OutcomeLog
 from router.request_kind import RequestKind, request_kind
 from router.runtime import Runtime
 from router.shared_learning import LearningSync, outcome_kinds
@@ -66,6 +66,11 @@ models:
     escalate_on: {SCORED}
     repair_hint: true
     confidence: {{metric: free_mean, calibrate_by: kind, min_samples: 4, threshold: -0.3, initial_threshold: -0.9}}
+  patient:
+    cascade: [small, big]
+    escalate_on: {SCORED}
+    repair_hint: true
+    confidence: {{metric: free_mean, calibrate_by: kind, min_samples: 4, min_failures: 3, initial_threshold: -0.5}}
   classes:
     cascade: [small, big]
     escalate_on: {SCORED}
@@ -252,6 +257,27 @@ def test_the_initial_threshold_holds_until_evidence_then_the_calibrated_one_does
         assert runtime.outcomes.calibrated_threshold("small", 4, 0.5, key_of(a)) == pytest.approx(-0.2)
         assert (await ask(runtime, a, valid(A, -0.45)))[0] == "small:low_confidence,big:ok"  # accepted at first
         assert "initial" not in hint(runtime) and f"free_mean -0.45 < -0.20 ({key_of(a)})" in hint(runtime)
+
+    asyncio.run(scenario())
+
+
+def test_rare_failures_do_not_replace_the_initial_threshold_before_min_failures() -> None:
+    async def scenario() -> None:
+        runtime = runtime_of()
+        a = chat("patient", A)
+        # one failure among valid answers, and a sure one (a refusal, say): with min_failures 1 it is evidence
+        # already, and its calibration (no confidence failed half the time) would drop every threshold
+        await ask(runtime, a, *[valid(A, -0.1)] * 4)
+        await ask(runtime, a, invalid(-0.05))
+        assert runtime.outcomes.calibration("small", 4, 0.5, key_of(a)) == Calibration(True, None)
+        assert not runtime.outcomes.calibration("small", 4, 0.5, key_of(a), min_failures=3).evidence
+        assert (await ask(runtime, a, valid(A, -0.6)))[0] == "small:low_confidence,big:ok"
+        assert "initial" in hint(runtime)
+        # three failures: evidence, and the calibrated threshold takes over
+        await ask(runtime, a, invalid(-0.3), invalid(-0.3))
+        assert runtime.outcomes.calibration("small", 4, 0.5, key_of(a), min_failures=3).evidence
+        assert (await ask(runtime, a, valid(A, -0.6)))[0] == "small:low_confidence,big:ok"
+        assert "initial" not in hint(runtime)
 
     asyncio.run(scenario())
 
