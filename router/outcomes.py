@@ -51,9 +51,9 @@ class OutcomeLog:
         self._logs: dict[Key, deque[Outcome]] = {}
         self._kinds: dict[str, OrderedDict[str, None]] = {}  # per tier, its kinds ("" aside), least recent first
         self._added: dict[Key, int] = {}
-        # (tier, kind, min_samples, target) -> (outcomes added when computed, calibration): sorting 5000 outcomes
+        # (tier, kind, min_samples, target, min_failures) -> (outcomes added when computed, calibration): sorting 5000
         # takes ~6 ms, too long for the event loop on every request; recomputed after 1% of the log is new.
-        self._calibrations: dict[tuple[str, str, int, float], tuple[int, Calibration]] = {}
+        self._calibrations: dict[tuple[str, str, int, float, int], tuple[int, Calibration]] = {}
 
     def window(self, kind: str) -> int:
         """How many outcomes one log keeps (the shared log's cap too)."""
