@@ -222,20 +222,30 @@ def apply(records: list[Record], chosen: Point) -> Point:
     return point(records, name, None, _grounded_fails if grounded else lambda r: False)
 
 
-def plot(points: list[Point], title: str, path: Path) -> Path:
-    """Accuracy against cost: a PNG with matplotlib."""
+def plot(
+    points: list[Point], title: str, path: Path, per_kind: list[Point] = (), marked: list[Point] = ()
+) -> Path:
+    """Accuracy against cost: a PNG with matplotlib. `per_kind`: the per-kind rules at each budget, drawn as one
+    line; `marked`: single points (the cascade model measured), drawn as diamonds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5.5))
-    for mechanism in sorted({p.mechanism for p in points if "alone" not in p.mechanism}):
+    colours = plt.get_cmap("tab20").colors  # more mechanisms than the default cycle's 10 colours
+    for index, mechanism in enumerate(sorted({p.mechanism for p in points if "alone" not in p.mechanism})):
         line = sorted((p for p in frontier(points) if p.mechanism == mechanism), key=lambda p: p.cost_share)
-        axes.plot([p.cost_share for p in line], [p.accuracy for p in line], marker=".", label=mechanism)
-    for p in points:
-        if "alone" in p.mechanism:
-            axes.scatter([p.cost_share], [p.accuracy], s=90, marker="*", zorder=5)
+        colour = colours[index % len(colours)]
+        axes.plot([p.cost_share for p in line], [p.accuracy for p in line], marker=".", label=mechanism, color=colour)
+    if per_kind:
+        line = sorted(per_kind, key=lambda p: p.cost_share)
+        axes.plot(
+            [p.cost_share for p in line], [p.accuracy for p in line], "k--", marker="s", label="one rule per kind"
+        )
+    for p in [*points, *marked]:
+        if "alone" in p.mechanism or p in marked:
+            axes.scatter([p.cost_share], [p.accuracy], s=90, marker="*" if "alone" in p.mechanism else "D", zorder=5)
             axes.annotate(p.mechanism, (p.cost_share, p.accuracy), textcoords="offset points", xytext=(6, -10))
     axes.set_xlabel("cost, share of Gemma alone")
     axes.set_ylabel("accuracy")

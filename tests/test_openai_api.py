@@ -136,10 +136,34 @@ def test_chat_on_the_base_model_uses_a_completion_prompt(client: OpenAI) -> None
     assert answer.choices[0].message.content
 
 
-def test_cascade_model_answers_from_its_first_tier(gateway: Server, client: OpenAI) -> None:
-    raw = client.chat.completions.with_raw_response.create(model="auto", messages=ASK, max_tokens=4)
-    assert raw.headers["x-tiergate-backend"] == "smol"
+def default_auto(client: OpenAI, question: str) -> dict[str, str]:
+    """The default policy's `auto` as bench/cascade.py measures it: a free-text question, greedy, 12 tokens."""
+    messages = [{"role": "user", "content": question}]
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=12,
+        temperature=0,
+    )
     assert raw.parse().model == "auto"
+    return dict(raw.headers)
+
+
+def test_the_default_auto_sends_an_unsure_answer_on_to_gemma(client: OpenAI) -> None:
+    # SmolLM2 answers "The capital of Egypt is indeed a topic t..." at free_mean about -1.29: below the text
+    # kind's initial threshold, so Gemma answers; the answer that was served passed, so no validation header
+    headers = default_auto(client, "What is the capital of Egypt? Answer in one word.")
+    assert headers["x-tiergate-attempts"] == "smol:low_confidence,gemma:ok"
+    assert headers["x-tiergate-backend"] == "gemma"
+    assert "x-tiergate-validation" not in headers
+
+
+def test_the_default_auto_answers_a_sure_question_from_smollm2(client: OpenAI) -> None:
+    headers = default_auto(client, "What is the capital of France? Answer in one word.")
+    assert headers["x-tiergate-attempts"] == "smol:ok"  # free_mean about -0.42, above text's -0.941
+    assert float(headers["x-tiergate-cost-usd"]) > 0  # local tiers are priced by busy time
+    # against Gemma's seconds per answer token, measured once it has answered (the test above made it)
+    assert float(headers["x-tiergate-saved-usd"]) > 0
 
 
 def test_models_list_names_the_policy_models(client: OpenAI) -> None:
