@@ -128,7 +128,9 @@ def by_kind(records: list[sweep.Record]) -> dict[str, tuple[sweep.Point, sweep.P
             continue
         points = sweep.sweep(chosen)
         alone, top = points[0], points[1]
-        found[kind] = (alone, top, sweep.cheapest_reaching(points, top.accuracy))
+        # SmolLM2 alone already as good as Gemma (free text): no cascade point is cheaper than no escalation
+        enough = alone.accuracy >= top.accuracy
+        found[kind] = (alone, top, alone if enough else sweep.cheapest_reaching(points, top.accuracy))
     return found
 
 
