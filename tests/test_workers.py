@@ -270,9 +270,19 @@ def test_a_reload_reaches_every_worker_and_the_engine_swaps_a_changed_model_once
             break
         time.sleep(0.2)
     assert [answer.headers["x-tiergate-policy"] for answer in answers] == [version] * 16
-    lines = smol_workers.log_lines(f'"policy":"{version}"')
-    served = {int(found.group(1)) for line in lines if (found := ACCESS_PID.search(line))}
-    assert len(served) == 2  # both workers run the new policy
+
+    def served() -> set[int]:
+        lines = smol_workers.log_lines(f'"policy":"{version}"')
+        return {int(found.group(1)) for line in lines if (found := ACCESS_PID.search(line))}
+
+    # the kernel hands each new connection to whichever worker accepts first: 16 of them once all went to one
+    # worker, so ask until both have answered on the new version (every answer so far carried it)
+    deadline = time.monotonic() + 30
+    while len(served()) < 2 and time.monotonic() < deadline:
+        again = [chat(smol_workers, {"model": "hello", "messages": ASK, "max_tokens": 2}) for _ in range(8)]
+        assert [answer.headers["x-tiergate-policy"] for answer in again] == [version] * 8
+        time.sleep(0.1)
+    assert len(served()) == 2  # both workers run the new policy
     assert len(smol_workers.log_lines("engine swapped smol")) == 1  # one load in the engine for both workers
     assert smol_workers.log_lines("engine closed the previous smol", within=15)
     family = descendants(smol_workers.process.pid)
