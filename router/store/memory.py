@@ -30,6 +30,7 @@ from router.store.base import (
     to_usd,
     window_of,
 )
+from router.store.expiring import ExpiringBytes
 from router.store.gcra import Bucket, gcra_all
 
 Clock = Callable[[], float]
@@ -65,8 +66,6 @@ class MemoryStore:
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
     ) -> None:
-        self.max_cache_bytes = max_cache_bytes
-        self.max_response_bytes = max_response_bytes
         self._clock = clock
         self._wall = wall_clock
         self._keys: dict[str, KeyRecord] = {}
@@ -75,10 +74,8 @@ class MemoryStore:
         self._windows: dict[tuple[str, Period, str], _Window] = {}
         self._closed: dict[str, float] = {}  # reservation id -> forgotten at
         self._leases: dict[str, dict[str, float]] = {}  # scope -> lease id -> lapses at
-        self._cache: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        self._cache_bytes = 0
-        self._responses: OrderedDict[tuple[str, str], tuple[bytes, float]] = OrderedDict()  # oldest stored first
-        self._response_bytes = 0
+        self._cache: ExpiringBytes[str] = ExpiringBytes(max_cache_bytes)  # least recently read dropped first
+        self._responses: ExpiringBytes[tuple[str, str]] = ExpiringBytes(max_response_bytes)  # oldest stored first
         self._logs: dict[str, deque[bytes]] = {}
         self._families: dict[str, OrderedDict[str, deque[bytes]]] = {}  # members least recently appended first
         self._policy: PolicyRecord | None = None
@@ -201,57 +198,22 @@ class MemoryStore:
     # --- response cache (LRU within max_cache_bytes) ---
 
     async def cache_get(self, key: str) -> bytes | None:
-        now = self._now()
-        found = self._cache.get(key)
-        if found is None:
-            return None
-        if found[1] <= now:
-            self._cache_drop(key)
-            return None
-        self._cache.move_to_end(key)
-        return found[0]
+        return self._cache.get(key, self._now(), touch=True)
 
     async def cache_set(self, key: str, value: bytes, ttl_s: float) -> None:
-        now = self._now()
-        if key in self._cache:
-            self._cache_drop(key)
-        if len(value) > self.max_cache_bytes:
-            return
-        self._cache[key] = (value, now + ttl_s)
-        self._cache_bytes += len(value)
-        while self._cache_bytes > self.max_cache_bytes:
-            self._cache_drop(next(iter(self._cache)))
+        self._cache.put(key, value, self._now() + ttl_s)
 
     # --- stored responses (oldest dropped first beyond max_response_bytes) ---
 
     async def response_put(self, scope: str, response_id: str, value: bytes, ttl_s: float) -> None:
         check_positive(ttl_s=ttl_s)
-        now = self._now()
-        key = (scope, response_id)
-        if key in self._responses:
-            self._response_drop(key)
-        if len(value) > self.max_response_bytes:
-            return
-        self._responses[key] = (value, now + ttl_s)
-        self._response_bytes += len(value)
-        while self._response_bytes > self.max_response_bytes:
-            self._response_drop(next(iter(self._responses)))
+        self._responses.put((scope, response_id), value, self._now() + ttl_s)
 
     async def response_get(self, scope: str, response_id: str) -> bytes | None:
-        found = self._responses.get((scope, response_id))
-        if found is None:
-            return None
-        if found[1] <= self._now():
-            self._response_drop((scope, response_id))
-            return None
-        return found[0]
+        return self._responses.get((scope, response_id), self._now())
 
     async def response_delete(self, scope: str, response_id: str) -> bool:
-        found = self._responses.get((scope, response_id))
-        if found is None:
-            return False
-        self._response_drop((scope, response_id))
-        return found[1] > self._now()
+        return self._responses.delete((scope, response_id), self._now())
 
     # --- counters ---
 
@@ -327,9 +289,9 @@ class MemoryStore:
             "reservations": len(self._closed),
             "leases": sum(len(leases) for leases in self._leases.values()),
             "cache": len(self._cache),
-            "cache_bytes": self._cache_bytes,
+            "cache_bytes": self._cache.bytes,
             "responses": len(self._responses),
-            "response_bytes": self._response_bytes,
+            "response_bytes": self._responses.bytes,
             "logs": sum(len(log) for log in self._logs.values()),
             "family_logs": sum(len(logs) for logs in self._families.values()),
         }
@@ -358,12 +320,10 @@ class MemoryStore:
             self._live_leases(scope, now)
         for key in [key for key, (_, until) in self._feedback.items() if until <= now]:
             del self._feedback[key]
-        for key in [key for key, (_, until) in self._cache.items() if until <= now]:
-            self._cache_drop(key)
+        self._cache.sweep(now)
         for scope in [scope for scope, (_, until) in self._counters.items() if until <= now]:
             del self._counters[scope]
-        for stored in [stored for stored, (_, until) in self._responses.items() if until <= now]:
-            self._response_drop(stored)
+        self._responses.sweep(now)
 
     def _window(self, window: BudgetWindow) -> _Window:
         key = _window_key(window)
@@ -404,14 +364,6 @@ class MemoryStore:
         return found[0]
 
     # --- end of answer feedback ---
-
-    def _cache_drop(self, key: str) -> None:
-        value, _ = self._cache.pop(key)
-        self._cache_bytes -= len(value)
-
-    def _response_drop(self, key: tuple[str, str]) -> None:
-        value, _ = self._responses.pop(key)
-        self._response_bytes -= len(value)
 
 
 def _window_key(window: BudgetWindow) -> tuple[str, Period, str]:
