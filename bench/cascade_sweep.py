@@ -93,6 +93,13 @@ def _below(signal: str, cut: float, grounded: bool = False) -> Rule:
     return escalate
 
 
+def cuts(records: list[Record], signal: str) -> list[float]:
+    """Every threshold that splits the records differently: below all of them (escalate none), between each two
+    neighbouring values, above all of them (escalate all)."""
+    values = sorted({_signal(r, signal) for r in records})
+    return [values[0] - 1, *((a + b) / 2 for a, b in itertools.pairwise(values)), values[-1] + 1]
+
+
 def sweep(records: list[Record]) -> list[Point]:
     """Both tiers alone, the validators-only cascade, grounded, and every signal's threshold (alone, with grounded)."""
     points = [
@@ -101,9 +108,7 @@ def sweep(records: list[Record]) -> list[Point]:
         point(records, "grounded (extract)", None, _grounded_fails),
     ]
     for signal in SIGNALS:
-        values = sorted({_signal(r, signal) for r in records})
-        cuts = [values[0] - 1, *((a + b) / 2 for a, b in itertools.pairwise(values)), values[-1] + 1]
-        for cut in cuts:
+        for cut in cuts(records, signal):
             points.append(point(records, signal, cut, _below(signal, cut)))
             points.append(point(records, f"grounded + {signal}", cut, _below(signal, cut, grounded=True)))
     return points
@@ -133,8 +138,7 @@ def _kind_options(records: list[Record], signals: tuple[str, ...]) -> list[tuple
     """Every rule one kind can take, as (extra cost over smol alone, correct answers, rule), cheapest per count."""
     options = [(0.0, sum(r["smol"]["correct"] for r in records), KindRule(None))]
     for signal in signals:
-        values = sorted({_signal(r, signal) for r in records})
-        for cut in (*((a + b) / 2 for a, b in itertools.pairwise(values)), values[-1] + 1):
+        for cut in cuts(records, signal)[1:]:  # the first escalates none: the "never" option already
             rule = KindRule(signal, round(cut, 4))
             up = [rule.escalates(r) for r in records]
             cost = sum(r["gemma"]["cost_usd"] for r, u in zip(records, up, strict=True) if u)
